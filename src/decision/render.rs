@@ -1,0 +1,1 @@
+//! Renderers of a [`Decision`](super::Decision): canonical JSON, prefix line, bodies, log line.

@@ -1,0 +1,3 @@
+//! Portcullis shared library: configuration, policy engine, the one `Decision`, proto types.
+
+pub mod decision;
