@@ -1,1 +1,204 @@
-fn main() {}
+//! `portcullis-proxy`: the Portcullis data plane.
+
+mod admin;
+mod app;
+mod cli;
+mod dial;
+mod http;
+mod listeners;
+mod pipeline;
+mod policy_build;
+mod report;
+mod resolve;
+mod state;
+mod tunnel;
+mod tunnel_run;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use tokio::io::AsyncWriteExt;
+
+use crate::app::App;
+use crate::listeners::{Bound, ListenerKind};
+
+fn main() -> ExitCode {
+    let args = match cli::Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            // clap: 0 for --help/--version, 2 for usage errors.
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
+    init_logging(&args.log);
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(n) = args.worker_threads {
+        builder.worker_threads(n as usize);
+    }
+    let runtime = match builder.build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(run(args))
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(true)
+        .init();
+}
+
+async fn run(args: cli::Args) -> ExitCode {
+    let overrides = policy_build::overrides_from_args(&args);
+    let config = match app::load_config(args.config.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(msg) => {
+            eprintln!("{msg}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match app::build_runtime(config) {
+        Ok(r) => r,
+        Err(msg) => {
+            eprintln!("{msg}");
+            return ExitCode::from(2);
+        }
+    };
+    let nofile = listeners::raise_nofile_limit();
+    let max_conns = runtime.config.limits.max_connections as u64;
+    if nofile < 2 * max_conns + 256 {
+        tracing::warn!(
+            nofile,
+            max_connections = max_conns,
+            "RLIMIT_NOFILE is below 2 × max_connections + 256; connections may fail before the limit"
+        );
+    }
+
+    // Reserve every listener before anything else.
+    let addrs = runtime.config.listener_addrs();
+    for w in addrs.warnings.iter() {
+        tracing::warn!("{w}");
+    }
+    let http_listener = match listeners::bind(addrs.http, "network.proxy_url").await {
+        Ok(l) => l,
+        Err(e) => return startup_failure(&e),
+    };
+    let admin_listener = match addrs.admin {
+        Some(a) => match listeners::bind(a, "network.admin_url").await {
+            Ok(l) => Some(l),
+            Err(e) => return startup_failure(&e),
+        },
+        None => None,
+    };
+    let bound = Bound {
+        http: http_listener.local_addr().ok(),
+        socks5: None,
+        admin: admin_listener.as_ref().and_then(|l| l.local_addr().ok()),
+    };
+    let admin_token = match runtime.config.read_admin_token() {
+        Ok(t) => t,
+        Err(e) => return startup_failure(&e),
+    };
+    let blocked_log_size = runtime.config.limits.blocked_log_size as usize;
+    let reporter = report::Reporter::new(blocked_log_size);
+    let origin = portcullis::decision::Origin {
+        proxy_id: policy_build::new_proxy_id().into(),
+        session_id: runtime.config.control.session_id.clone().into(),
+    };
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let tls = policy_build::tls_connector(&runtime.config);
+    let shared = Arc::new(state::Shared::new(
+        runtime,
+        reporter,
+        origin,
+        bound,
+        tls,
+        shutdown_rx,
+    ));
+    let app = Arc::new(App::new(
+        shared.clone(),
+        args.config.clone(),
+        overrides,
+        admin_token,
+    ));
+    let gate = Arc::new(tokio::sync::Semaphore::new(max_conns as usize));
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(listeners::accept_loop(
+        shared.clone(),
+        http_listener,
+        ListenerKind::Http,
+        gate.clone(),
+        |shared, stream, peer| http::serve_connection(shared, stream, peer),
+        |mut stream| async move {
+            let _ = stream
+                .write_all(b"HTTP/1.1 503 Service Unavailable\r\nx-proxy-error: too-many-connections\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .await;
+        },
+    ));
+    if let Some(l) = admin_listener {
+        let admin_gate = Arc::new(tokio::sync::Semaphore::new(64));
+        let app2 = app.clone();
+        tasks.spawn(listeners::accept_loop(
+            shared.clone(),
+            l,
+            ListenerKind::Admin,
+            admin_gate,
+            move |_shared, stream, peer| admin::serve_connection(app2.clone(), stream, peer),
+            |_stream| async {},
+        ));
+    }
+
+    println!("{}", shared.bound().ready_line());
+    tracing::info!(proxy_id = %shared.origin().proxy_id, "portcullis-proxy ready");
+
+    wait_for_shutdown(&app).await;
+    tracing::info!("shutting down");
+    let _ = shutdown_tx.send(true);
+    let grace = shared.settings().shutdown_grace;
+    // In-flight connections hold permits; wait until they are all back or the grace ends.
+    let all = max_conns as u32;
+    let _ = tokio::time::timeout(grace + std::time::Duration::from_millis(200), gate.acquire_many(all)).await;
+    tasks.abort_all();
+    ExitCode::SUCCESS
+}
+
+fn startup_failure(msg: &str) -> ExitCode {
+    eprintln!("startup error: {msg}");
+    ExitCode::from(1)
+}
+
+/// Waits for SIGINT/SIGTERM; SIGHUP reloads the configuration meanwhile.
+async fn wait_for_shutdown(app: &App) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = int.recv() => return,
+            _ = term.recv() => return,
+            _ = hup.recv() => {
+                if let Err(e) = app.reload().await {
+                    tracing::error!("reload failed, keeping the running configuration: {e:?}");
+                }
+            }
+        }
+    }
+}

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 mod message;
 mod render;
 
-pub use message::MessageKind;
+pub use message::{MessageKind, ResolveFailure};
 pub use render::*;
 
 /// What the policy answered.

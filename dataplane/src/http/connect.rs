@@ -1,0 +1,87 @@
+//! `CONNECT host:port`: policy, dial a checked address, `200`, raw tunnel (`http.md` §6).
+
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use portcullis::decision::{Protocol, ProxyError};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::ConnCtx;
+use super::respond::{self, Body, RenderOpts};
+use super::target;
+use crate::dial;
+use crate::pipeline::{self, Outcome};
+
+/// Answers one CONNECT request.
+pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>, opts: RenderOpts) -> Response<Body> {
+    let dest = match target::connect_target(&req) {
+        Ok(d) => d,
+        Err(detail) => {
+            ctx.shared.metrics().bad_request(bad_kind(detail));
+            return respond::error_response(ProxyError::InvalidRequest, detail, opts);
+        }
+    };
+    let query = pipeline::Query {
+        protocol: Protocol::HttpsConnect,
+        host: &dest.host,
+        port: dest.port,
+        method: Some("CONNECT"),
+        upgrade: false,
+        client: ctx.peer,
+    };
+    let addrs = match pipeline::decide(&ctx.shared, &query).await {
+        Outcome::Refuse(d) => return respond::decision_response(&d, opts),
+        Outcome::Unresolvable(_, failure) => return pipeline::unresolved_response(failure, &dest.host, opts),
+        Outcome::Allow(_, addrs) => addrs,
+    };
+    let settings = ctx.shared.settings();
+    let upstream = match dial::dial(&addrs, dest.port, settings.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => return pipeline::dial_error_response(&ctx.shared, &e, &dest, opts),
+    };
+    tracing::info!(host = %dest.host, port = dest.port, route = "direct", "tunnel open");
+    let shared = ctx.shared.clone();
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "CONNECT client went away before the tunnel started");
+                return;
+            }
+        };
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                let mut client = parts.io.into_inner();
+                let mut upstream = upstream;
+                // Bytes the client sent right after the CONNECT head go first, in order.
+                if !parts.read_buf.is_empty() && upstream.write_all(&parts.read_buf).await.is_err() {
+                    return;
+                }
+                crate::tunnel_run::run(&shared, Protocol::HttpsConnect, &mut client, &mut upstream).await;
+            }
+            Err(upgraded) => {
+                let mut client = TokioIo::new(upgraded);
+                let mut upstream = upstream;
+                crate::tunnel_run::run(&shared, Protocol::HttpsConnect, &mut client, &mut upstream).await;
+            }
+        }
+    });
+    let mut resp = Response::new(respond::empty());
+    *resp.status_mut() = StatusCode::OK;
+    resp.extensions_mut()
+        .insert(hyper::ext::ReasonPhrase::from_static(b"Connection established"));
+    resp
+}
+
+/// The `portcullis_bad_requests_total{kind}` label for a target error.
+pub fn bad_kind(detail: &str) -> &'static str {
+    if detail.contains("invalid host") {
+        "invalid_host"
+    } else {
+        "invalid_target"
+    }
+}

@@ -1,0 +1,99 @@
+//! HTTP/1.1 proxy listener: absolute-form requests, CONNECT, upgrades (`http.md`).
+
+mod connect;
+mod forward;
+pub mod headers;
+pub mod respond;
+pub mod target;
+mod upstream;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use portcullis::decision::ProxyError;
+use tokio::net::TcpStream;
+
+use crate::state::Shared;
+use respond::{Body, RenderOpts};
+
+/// Per-connection context shared by the requests of one client connection.
+pub struct ConnCtx {
+    /// The shared proxy state.
+    pub shared: Arc<Shared>,
+    /// Client peer address.
+    pub peer: SocketAddr,
+    /// The upstream connection kept for keep-alive reuse by this client connection.
+    pub upstream: tokio::sync::Mutex<Option<upstream::Pooled>>,
+}
+
+/// Serves one accepted client connection until it closes.
+pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let settings = shared.settings();
+    let ctx = Arc::new(ConnCtx {
+        shared: shared.clone(),
+        peer,
+        upstream: tokio::sync::Mutex::new(None),
+    });
+    let service = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle(ctx, req).await) }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .half_close(false)
+        .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size(settings.max_header_bytes.max(8192))
+        .max_headers(settings.max_headers);
+    let conn = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    let mut shutdown = shared.shutdown_signal();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "client connection ended with an error");
+            }
+        }
+        _ = shutdown.wait() => {
+            // Stop reading new requests; let the one in flight finish within the grace period.
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(settings.shutdown_grace, conn).await;
+        }
+    }
+}
+
+/// Dispatches one request by its form (`http.md` §2).
+async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<Body> {
+    let opts = RenderOpts {
+        json: respond::wants_json(req.headers()),
+        head: req.method() == Method::HEAD,
+        close: false,
+    };
+    if req.headers().contains_key("x-unix-socket") {
+        ctx.shared.metrics().bad_request("unix_socket");
+        return respond::error_response(
+            ProxyError::UnixSocketsUnsupported,
+            "unix-socket forwarding is not available yet",
+            opts,
+        );
+    }
+    if req.method() == Method::CONNECT {
+        ctx.shared.metrics().request(portcullis::decision::Protocol::HttpsConnect);
+        return connect::handle(ctx, req, opts).await;
+    }
+    ctx.shared.metrics().request(portcullis::decision::Protocol::Http);
+    if req.version() != http::Version::HTTP_11 && req.version() != http::Version::HTTP_10 {
+        return respond::bare(StatusCode::HTTP_VERSION_NOT_SUPPORTED);
+    }
+    forward::handle(ctx, req, opts).await
+}

@@ -1,0 +1,165 @@
+//! State shared by every listener: the current runtime (config + compiled policy, swapped
+//! atomically), the reporter, identity, and the shutdown signal.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use portcullis::config::Config;
+use portcullis::decision::Origin;
+use portcullis::policy::CompiledPolicy;
+use tokio::sync::watch;
+
+use crate::listeners::Bound;
+use crate::report::Reporter;
+use crate::report::metrics::Metrics;
+use crate::resolve::Resolver;
+
+/// Timeouts and limits the data path reads, precomputed from `[limits]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// `limits.max_header_bytes`.
+    pub max_header_bytes: usize,
+    /// `limits.max_headers`.
+    pub max_headers: usize,
+    /// `limits.header_read_timeout_ms`.
+    pub header_read_timeout: Duration,
+    /// `limits.client_idle_timeout_ms`.
+    pub client_idle_timeout: Duration,
+    /// `limits.connect_timeout_ms`.
+    pub connect_timeout: Duration,
+    /// `limits.dns_timeout_ms`.
+    pub dns_timeout: Duration,
+    /// `limits.response_header_timeout_ms` (0 = none).
+    pub response_header_timeout: Option<Duration>,
+    /// `limits.tunnel_idle_timeout_ms` (0 = none).
+    pub tunnel_idle_timeout: Option<Duration>,
+    /// `limits.shutdown_grace_ms`.
+    pub shutdown_grace: Duration,
+    /// `network.allow_local_binding`.
+    pub allow_local_binding: bool,
+}
+
+impl Settings {
+    /// Reads the settings out of a validated config.
+    pub fn from_config(c: &Config) -> Settings {
+        let l = &c.limits;
+        let ms = |v: u64| Duration::from_millis(v);
+        let opt = |v: u64| (v > 0).then(|| Duration::from_millis(v));
+        Settings {
+            max_header_bytes: l.max_header_bytes as usize,
+            max_headers: l.max_headers as usize,
+            header_read_timeout: ms(l.header_read_timeout_ms as u64),
+            client_idle_timeout: ms(l.client_idle_timeout_ms as u64),
+            connect_timeout: ms(l.connect_timeout_ms as u64),
+            dns_timeout: ms(l.dns_timeout_ms as u64),
+            response_header_timeout: opt(l.response_header_timeout_ms as u64),
+            tunnel_idle_timeout: opt(l.tunnel_idle_timeout_ms as u64),
+            shutdown_grace: ms(l.shutdown_grace_ms as u64),
+            allow_local_binding: c.network.allow_local_binding,
+        }
+    }
+}
+
+/// One consistent version of everything a request is judged against.
+pub struct Runtime {
+    /// The validated configuration (file + flags).
+    pub config: Config,
+    /// Limits and timeouts.
+    pub settings: Settings,
+    /// The compiled policy.
+    pub policy: CompiledPolicy,
+    /// The resolver for `dns_servers`.
+    pub resolver: Resolver,
+}
+
+/// Shared proxy state.
+pub struct Shared {
+    runtime: ArcSwap<Runtime>,
+    reporter: Reporter,
+    origin: Origin,
+    bound: Bound,
+    tls: Arc<tokio_rustls::TlsConnector>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    /// Builds the shared state.
+    pub fn new(
+        runtime: Runtime,
+        reporter: Reporter,
+        origin: Origin,
+        bound: Bound,
+        tls: tokio_rustls::TlsConnector,
+        shutdown: watch::Receiver<bool>,
+    ) -> Shared {
+        Shared {
+            runtime: ArcSwap::from_pointee(runtime),
+            reporter,
+            origin,
+            bound,
+            tls: Arc::new(tls),
+            shutdown,
+        }
+    }
+
+    /// The current runtime; hold it for the whole of one decision.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    /// Swaps in a new runtime atomically.
+    pub fn swap_runtime(&self, r: Runtime) {
+        self.runtime.store(Arc::new(r));
+    }
+
+    /// Current limits and timeouts.
+    pub fn settings(&self) -> Settings {
+        self.runtime.load().settings
+    }
+
+    /// The reporter every Decision goes through.
+    pub fn reporter(&self) -> &Reporter {
+        &self.reporter
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Metrics {
+        self.reporter.metrics()
+    }
+
+    /// The metrics registry, shared.
+    pub fn metrics_arc(&self) -> Arc<Metrics> {
+        self.reporter.metrics_arc()
+    }
+
+    /// This proxy's identity.
+    pub fn origin(&self) -> &Origin {
+        &self.origin
+    }
+
+    /// The addresses this proxy listens on.
+    pub fn bound(&self) -> &Bound {
+        &self.bound
+    }
+
+    /// TLS client for `https://` origins.
+    pub fn tls_connector(&self) -> Arc<tokio_rustls::TlsConnector> {
+        self.tls.clone()
+    }
+
+    /// A handle that resolves once shutdown starts.
+    pub fn shutdown_signal(&self) -> ShutdownSignal {
+        ShutdownSignal(self.shutdown.clone())
+    }
+}
+
+/// Resolves when graceful shutdown begins.
+pub struct ShutdownSignal(watch::Receiver<bool>);
+
+impl ShutdownSignal {
+    /// Waits for shutdown; returns at once if it already began.
+    pub async fn wait(&mut self) {
+        let _ = self.0.wait_for(|v| *v).await;
+    }
+}

@@ -1,0 +1,56 @@
+//! Runs a tunnel with its bookkeeping: active-tunnel gauge, byte counters, idle timeout, and
+//! the shutdown grace period. Every tunnel kind goes through here into [`crate::tunnel::relay`].
+
+use std::sync::Arc;
+
+use portcullis::decision::Protocol;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::report::metrics::Metrics;
+use crate::state::Shared;
+use crate::tunnel::{self, ByteSink};
+
+struct TunnelBytes {
+    metrics: Arc<Metrics>,
+    protocol: Protocol,
+}
+
+impl ByteSink for TunnelBytes {
+    fn upstream(&self, n: u64) {
+        self.metrics.bytes(self.protocol, true, n);
+    }
+    fn downstream(&self, n: u64) {
+        self.metrics.bytes(self.protocol, false, n);
+    }
+}
+
+/// Relays between `client` and `upstream` until done, idle, or the shutdown grace ends.
+pub async fn run<C, U>(shared: &Arc<Shared>, protocol: Protocol, client: &mut C, upstream: &mut U)
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let metrics = shared.metrics_arc();
+    let _active = metrics.tunnel_opened(protocol);
+    let settings = shared.settings();
+    let sink = Arc::new(TunnelBytes {
+        metrics: metrics.clone(),
+        protocol,
+    });
+    let mut shutdown = shared.shutdown_signal();
+    let relay = tunnel::relay(client, upstream, settings.tunnel_idle_timeout, sink);
+    tokio::pin!(relay);
+    tokio::select! {
+        (moved, result) = &mut relay => {
+            if let Err(e) = result {
+                tracing::debug!(?protocol, error = %e, up = moved.upstream, down = moved.downstream, "tunnel closed");
+            }
+        }
+        _ = async {
+            shutdown.wait().await;
+            tokio::time::sleep(settings.shutdown_grace).await;
+        } => {
+            tracing::debug!(?protocol, "tunnel closed at the end of the shutdown grace period");
+        }
+    }
+}
