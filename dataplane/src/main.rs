@@ -10,6 +10,7 @@ mod pipeline;
 mod policy_build;
 mod report;
 mod resolve;
+mod socks5;
 mod state;
 mod tunnel;
 mod tunnel_run;
@@ -93,6 +94,13 @@ async fn run(args: cli::Args) -> ExitCode {
         Ok(l) => l,
         Err(e) => return startup_failure(&e),
     };
+    let socks_listener = match addrs.socks5 {
+        Some(a) => match listeners::bind(a, "network.socks_url").await {
+            Ok(l) => Some(l),
+            Err(e) => return startup_failure(&e),
+        },
+        None => None,
+    };
     let admin_listener = match addrs.admin {
         Some(a) => match listeners::bind(a, "network.admin_url").await {
             Ok(l) => Some(l),
@@ -102,7 +110,7 @@ async fn run(args: cli::Args) -> ExitCode {
     };
     let bound = Bound {
         http: http_listener.local_addr().ok(),
-        socks5: None,
+        socks5: socks_listener.as_ref().and_then(|l| l.local_addr().ok()),
         admin: admin_listener.as_ref().and_then(|l| l.local_addr().ok()),
     };
     let admin_token = match runtime.config.read_admin_token() {
@@ -146,6 +154,16 @@ async fn run(args: cli::Args) -> ExitCode {
                 .await;
         },
     ));
+    if let Some(l) = socks_listener {
+        tasks.spawn(listeners::accept_loop(
+            shared.clone(),
+            l,
+            ListenerKind::Socks5,
+            gate.clone(),
+            |shared, stream, peer| socks5::serve_connection(shared, stream, peer),
+            |_stream| async {},
+        ));
+    }
     if let Some(l) = admin_listener {
         let admin_gate = Arc::new(tokio::sync::Semaphore::new(64));
         let app2 = app.clone();

@@ -1,0 +1,6 @@
+//! SOCKS5 listener (`socks5.md`): greeting and authentication through fast-socks5's server
+//! protocol API, then our policy pipeline between reading the command and replying.
+
+mod tcp;
+
+pub use tcp::serve_connection;

@@ -1,0 +1,139 @@
+//! SOCKS5 greeting, request, and TCP CONNECT.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use fast_socks5::server::{NoAuthentication, Socks5ServerProtocol, SocksServerError};
+use fast_socks5::util::target_addr::TargetAddr;
+use fast_socks5::{ReplyError, Socks5Command};
+use portcullis::decision::{Protocol, ResolveFailure};
+use portcullis::policy::{Host, normalize_host};
+use tokio::net::TcpStream;
+
+use crate::dial;
+use crate::pipeline::{self, Outcome};
+use crate::state::Shared;
+
+type Proto = Socks5ServerProtocol<TcpStream, fast_socks5::server::states::CommandRead>;
+
+/// Serves one SOCKS5 client connection.
+pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let settings = shared.settings();
+    let handshake = async {
+        let auth = Socks5ServerProtocol::start(stream)
+            .negotiate_auth(&[NoAuthentication])
+            .await?;
+        Socks5ServerProtocol::finish_auth(auth).read_command().await
+    };
+    let (proto, cmd, target) = match tokio::time::timeout(settings.header_read_timeout, handshake).await {
+        Err(_) => {
+            shared.metrics().bad_request("socks_timeout");
+            return;
+        }
+        Ok(Err(e)) => {
+            // fast-socks5 already sent the reply the error calls for (or none, for a bad version).
+            let kind = match e {
+                SocksServerError::AuthenticationRejected => "socks_auth_failed",
+                _ => "socks_protocol",
+            };
+            tracing::debug!(%peer, error = %e, "SOCKS5 handshake failed");
+            shared.metrics().bad_request(kind);
+            return;
+        }
+        Ok(Ok(x)) => x,
+    };
+    shared.metrics().request(Protocol::Socks5Tcp);
+    match cmd {
+        Socks5Command::TCPConnect => connect(shared, proto, target, peer).await,
+        // UDP ASSOCIATE is not served yet; BIND never is.
+        Socks5Command::UDPAssociate | Socks5Command::TCPBind => {
+            shared.metrics().bad_request("socks_protocol");
+            let _ = proto.reply_error(&ReplyError::CommandNotSupported).await;
+        }
+    }
+}
+
+/// The destination of a SOCKS5 request as policy sees it.
+fn destination(target: &TargetAddr) -> Option<(Host, u16)> {
+    let (host, port) = match target {
+        TargetAddr::Ip(sa) => (
+            normalize_host(&ip_text(crate::resolve::canonical(sa.ip()))).ok()?,
+            sa.port(),
+        ),
+        TargetAddr::Domain(name, port) => {
+            // A bracketed or bare IPv6 text is an IP literal too; a `:port` suffix is invalid.
+            let text = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')).unwrap_or(name);
+            if text.contains(':') && text.parse::<std::net::Ipv6Addr>().is_err() {
+                return None;
+            }
+            (normalize_host(text).ok()?, *port)
+        }
+    };
+    (port != 0).then_some((host, port))
+}
+
+fn ip_text(ip: IpAddr) -> String {
+    ip.to_string()
+}
+
+async fn connect(shared: Arc<Shared>, proto: Proto, target: TargetAddr, peer: SocketAddr) {
+    let Some((host, port)) = destination(&target) else {
+        shared.metrics().bad_request("invalid_host");
+        let _ = proto.reply_error(&ReplyError::GeneralFailure).await;
+        return;
+    };
+    let query = pipeline::Query {
+        protocol: Protocol::Socks5Tcp,
+        host: &host,
+        port,
+        method: None,
+        upgrade: false,
+        client: peer,
+    };
+    let addrs = match pipeline::decide(&shared, &query).await {
+        Outcome::Refuse(_) => {
+            let _ = proto.reply_error(&ReplyError::ConnectionNotAllowed).await;
+            return;
+        }
+        Outcome::Unresolvable(_, failure) => {
+            let code = match failure {
+                ResolveFailure::TimedOut => ReplyError::TtlExpired,
+                _ => ReplyError::HostUnreachable,
+            };
+            let _ = proto.reply_error(&code).await;
+            return;
+        }
+        Outcome::Allow(_, addrs) => addrs,
+    };
+    let settings = shared.settings();
+    let mut upstream = match dial::dial(&addrs, port, settings.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            shared.metrics().upstream_error(if matches!(e, dial::DialError::Timeout(_)) {
+                "timeout"
+            } else {
+                "connect"
+            });
+            let _ = proto.reply_error(&reply_for(e.socks_code())).await;
+            return;
+        }
+    };
+    let bnd = upstream
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let Ok(mut client) = proto.reply_success(bnd).await else {
+        return;
+    };
+    crate::tunnel_run::run(&shared, Protocol::Socks5Tcp, &mut client, &mut upstream).await;
+}
+
+fn reply_for(code: u8) -> ReplyError {
+    match code {
+        0x03 => ReplyError::NetworkUnreachable,
+        0x04 => ReplyError::HostUnreachable,
+        0x05 => ReplyError::ConnectionRefused,
+        0x06 => ReplyError::TtlExpired,
+        _ => ReplyError::GeneralFailure,
+    }
+}
