@@ -164,6 +164,10 @@ pub fn violation_line(d: &Decision) -> String {
 /// Emits the violation line at WARN, target `portcullis::policy` (`decisions.md` §7.3). Call it
 /// once per blocked-log append, never while holding the ring lock.
 pub fn log_violation(d: &Decision) {
+    // Skip rendering when no subscriber wants the line (it is on by default).
+    if !tracing::enabled!(target: "portcullis::policy", tracing::Level::WARN) {
+        return;
+    }
     let line = violation_line(d);
     tracing::warn!(target: "portcullis::policy", "{}", line);
 }

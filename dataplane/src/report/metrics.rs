@@ -657,7 +657,7 @@ impl Metrics {
     /// `portcullis_blocked_log_total` += `appended`, `portcullis_blocked_log_dropped_total` +=
     /// `dropped`. Called by the [`super::Reporter`], which owns the blocked log.
     #[inline]
-    pub fn blocked_log(&self, appended: u64, dropped: u64) {
+    pub fn record_blocked_log(&self, appended: u64, dropped: u64) {
         if appended > 0 {
             self.blocked_log_total.fetch_add(appended, Relaxed);
         }
@@ -786,7 +786,11 @@ impl Metrics {
     pub fn render_prometheus(&self) -> String {
         let mut w = Writer(String::with_capacity(24 * 1024));
 
-        w.family("portcullis_requests_total", "counter", "Requests received: HTTP requests, CONNECTs, inner MITM requests, SOCKS5 commands, UDP datagrams.");
+        w.family(
+            "portcullis_requests_total",
+            "counter",
+            "Requests received (HTTP, CONNECT, inner MITM, SOCKS5 commands, UDP datagrams).",
+        );
         for (i, p) in PROTOCOLS.iter().enumerate() {
             w.sample1(
                 "portcullis_requests_total",

@@ -129,7 +129,7 @@ impl Reporter {
         let d = Arc::new(d);
         if d.decision != Verdict::Allow {
             let evicted = self.blocked.append(d.clone());
-            self.metrics.blocked_log(1, evicted);
+            self.metrics.record_blocked_log(1, evicted);
             blocked_log::log_violation(&d);
         }
         for sink in &self.sinks {
@@ -159,7 +159,7 @@ impl Reporter {
     /// in `portcullis_blocked_log_dropped_total`.
     pub fn resize_blocked_log(&self, new_capacity: usize) {
         let evicted = self.blocked.resize(new_capacity);
-        self.metrics.blocked_log(0, evicted);
+        self.metrics.record_blocked_log(0, evicted);
     }
 
     /// The admin `GET /blocked` body.
