@@ -60,16 +60,7 @@ pub async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
         .map_err(|e| format!("{what}: cannot listen on {addr}: {e}"))
 }
 
-/// Which listener a connection came from (metrics label).
-#[derive(Debug, Clone, Copy)]
-pub enum ListenerKind {
-    /// HTTP proxy.
-    Http,
-    /// SOCKS5.
-    Socks5,
-    /// Admin API.
-    Admin,
-}
+pub use crate::report::metrics::Listener as ListenerKind;
 
 /// Accepts connections until shutdown, handing each to `serve` while the connection limit
 /// allows; beyond it, `reject` gets the stream (best-effort answer) and it is closed.
