@@ -11,7 +11,14 @@ use std::time::SystemTime;
 mod message;
 mod render;
 
-pub use message::{MessageKind, ResolveFailure};
+mod accept;
+mod errors;
+mod timestamp;
+
+pub use accept::accepts_json;
+pub use errors::{ProxyError, error_body};
+pub use message::{Ending, MESSAGE_PREFIX, MessageKind, MessageTarget, ResolveFailure, render_message};
+pub use timestamp::{format_timestamp, parse_timestamp};
 pub use render::*;
 
 /// What the policy answered.
