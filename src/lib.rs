@@ -1,3 +1,4 @@
 //! Portcullis shared library: configuration, policy engine, the one `Decision`, proto types.
 
+pub mod config;
 pub mod decision;
