@@ -101,7 +101,7 @@ impl App {
     pub fn config_json(&self) -> String {
         let rt = self.shared.runtime();
         let bound = self.shared.bound();
-        let mut value = serde_json::to_value(&rt.config).unwrap_or(serde_json::Value::Null);
+        let mut value = rt.config.to_json();
         if let serde_json::Value::Object(map) = &mut value {
             map.insert(
                 "listeners".into(),
@@ -139,7 +139,7 @@ impl App {
 pub fn load_config(path: Option<&std::path::Path>, overrides: &ProxyOverrides) -> Result<Config, String> {
     let mut config = match path {
         Some(p) => Config::load(p).map_err(|e| e.to_string())?,
-        None => Config::embedded(),
+        None => Config::embedded().map_err(|e| e.to_string())?,
     };
     config
         .apply_proxy_overrides(overrides)
@@ -150,7 +150,7 @@ pub fn load_config(path: Option<&std::path::Path>, overrides: &ProxyOverrides) -
 /// Compiles a validated config into a runtime (policy, resolver, settings).
 pub fn build_runtime(config: Config) -> Result<Runtime, String> {
     let policy = crate::policy_build::compile(&config)?;
-    let resolver = crate::resolve::Resolver::new(&config.network.dns_servers_addrs());
+    let resolver = crate::resolve::Resolver::new(&config.network.dns_servers);
     Ok(Runtime {
         settings: Settings::from_config(&config),
         policy,

@@ -86,7 +86,7 @@ async fn run(args: cli::Args) -> ExitCode {
     }
 
     // Reserve every listener before anything else.
-    let addrs = runtime.config.listener_addrs();
+    let addrs = runtime.config.listeners();
     for w in addrs.warnings.iter() {
         tracing::warn!("{w}");
     }
@@ -113,7 +113,7 @@ async fn run(args: cli::Args) -> ExitCode {
         socks5: socks_listener.as_ref().and_then(|l| l.local_addr().ok()),
         admin: admin_listener.as_ref().and_then(|l| l.local_addr().ok()),
     };
-    let admin_token = match runtime.config.read_admin_token() {
+    let admin_token = match policy_build::admin_token(&runtime.config) {
         Ok(t) => t,
         Err(e) => return startup_failure(&e),
     };
