@@ -151,7 +151,14 @@ pub fn load_config(path: Option<&std::path::Path>, overrides: &ProxyOverrides) -
 pub fn build_runtime(config: Config) -> Result<Runtime, String> {
     let policy = crate::policy_build::compile(&config)?;
     let resolver = crate::resolve::Resolver::new(&config.network.dns_servers);
+    let n = &config.network;
+    let unix = crate::unix_socket::UnixPolicy {
+        allow_all: n.dangerously_allow_all_unix_sockets,
+        allow: n.allow_unix_sockets.iter().map(|e| PathBuf::from(&e.value)).collect(),
+        deny: n.deny_unix_sockets.iter().map(|e| PathBuf::from(&e.value)).collect(),
+    };
     Ok(Runtime {
+        unix,
         settings: Settings::from_config(&config),
         policy,
         resolver,

@@ -14,6 +14,7 @@ mod socks5;
 mod state;
 mod tunnel;
 mod tunnel_run;
+mod unix_socket;
 
 use std::process::ExitCode;
 use std::sync::Arc;

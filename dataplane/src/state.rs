@@ -71,6 +71,15 @@ pub struct Runtime {
     pub policy: CompiledPolicy,
     /// The resolver for `dns_servers`.
     pub resolver: Resolver,
+    /// The unix-socket lists.
+    pub unix: crate::unix_socket::UnixPolicy,
+}
+
+impl Runtime {
+    /// Full or limited.
+    pub fn mode(&self) -> portcullis::config::Mode {
+        self.config.network.mode
+    }
 }
 
 /// Shared proxy state.

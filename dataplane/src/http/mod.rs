@@ -16,7 +16,6 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use portcullis::decision::ProxyError;
 use tokio::net::TcpStream;
 
 use crate::state::Shared;
@@ -80,12 +79,7 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<Body> {
         close: false,
     };
     if req.headers().contains_key("x-unix-socket") {
-        ctx.shared.metrics().bad_request("unix_socket");
-        return respond::error_response(
-            ProxyError::UnixSocketsUnsupported,
-            "unix-socket forwarding is not available yet",
-            opts,
-        );
+        return crate::unix_socket::handle(ctx, req, opts).await;
     }
     if req.method() == Method::CONNECT {
         ctx.shared.metrics().request(portcullis::decision::Protocol::HttpsConnect);
