@@ -77,11 +77,7 @@ pub fn error_body(proxy_error: &str, detail: &str, json: bool) -> String {
     } else {
         out.push_str(proxy_error);
         out.push_str(": ");
-        out.extend(
-            detail
-                .chars()
-                .map(|c| if c.is_control() { ' ' } else { c }),
-        );
+        out.extend(detail.chars().map(|c| if c.is_control() { ' ' } else { c }));
         out.push('\n');
     }
     out

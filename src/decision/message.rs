@@ -117,7 +117,10 @@ impl MessageKind {
         use super::Reason;
         use MessageKind::*;
         match self {
-            NotAllowed | NotAllowedAsksDisabled | NotAllowedWaiting | UnixNotAllowed
+            NotAllowed
+            | NotAllowedAsksDisabled
+            | NotAllowedWaiting
+            | UnixNotAllowed
             | UnixRelative => Reason::NotAllowed,
             LocalLiteral | LocalResolved | Unresolvable(_) | AlwaysRefused => {
                 Reason::NotAllowedLocal
@@ -254,9 +257,7 @@ pub fn render_message(kind: MessageKind, target: &MessageTarget<'_>) -> String {
         Socks5TcpNotAllowed => {
             out.push_str("SOCKS5 connections to ");
             t(&mut out);
-            out.push_str(
-                " are not allowed in limited mode, which permits only HTTPS on port 443.",
-            );
+            out.push_str(" are not allowed in limited mode, which permits only HTTPS on port 443.");
         }
         UdpNotAllowed => {
             out.push_str("UDP to ");

@@ -17,9 +17,11 @@ mod timestamp;
 
 pub use accept::accepts_json;
 pub use errors::{ProxyError, error_body};
-pub use message::{Ending, MESSAGE_PREFIX, MessageKind, MessageTarget, ResolveFailure, render_message};
-pub use timestamp::{format_timestamp, parse_timestamp};
+pub use message::{
+    Ending, MESSAGE_PREFIX, MessageKind, MessageTarget, ResolveFailure, render_message,
+};
 pub use render::*;
+pub use timestamp::{format_timestamp, parse_timestamp};
 
 /// What the policy answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -264,3 +266,6 @@ pub struct Decision {
 pub fn new_decision_id() -> uuid::Uuid {
     uuid::Uuid::now_v7()
 }
+
+#[cfg(test)]
+mod tests;

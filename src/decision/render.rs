@@ -330,7 +330,9 @@ impl Decision {
             Protocol::parse(string("protocol")?).ok_or(DecodeError::InvalidValue("protocol"))?;
         let id_text = string("id")?;
         let id = uuid::Uuid::try_parse(id_text).map_err(|_| DecodeError::InvalidValue("id"))?;
-        if id_text.len() != uuid::fmt::Hyphenated::LENGTH || id_text.bytes().any(|b| b.is_ascii_uppercase()) {
+        if id_text.len() != uuid::fmt::Hyphenated::LENGTH
+            || id_text.bytes().any(|b| b.is_ascii_uppercase())
+        {
             return Err(DecodeError::InvalidValue("id"));
         }
         Ok(Decision {
