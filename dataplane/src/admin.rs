@@ -92,7 +92,8 @@ fn set_mode(app: &App, body: &[u8]) -> Response<Body> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return error(StatusCode::BAD_REQUEST, "missing body");
     }
-    let Ok(serde_json::Value::Object(obj)) = serde_json::from_slice::<serde_json::Value>(body) else {
+    let Ok(serde_json::Value::Object(obj)) = serde_json::from_slice::<serde_json::Value>(body)
+    else {
         return error(StatusCode::BAD_REQUEST, "invalid json");
     };
     let Some(mode) = obj.get("mode").and_then(|m| m.as_str()) else {
@@ -115,7 +116,10 @@ fn set_mode(app: &App, body: &[u8]) -> Response<Body> {
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
     match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
             Err(error(StatusCode::PAYLOAD_TOO_LARGE, "body too large"))
         }
         Err(_) => Err(error(StatusCode::BAD_REQUEST, "invalid body")),
@@ -125,8 +129,10 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
     let mut r = Response::new(full(body));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     r
 }
 

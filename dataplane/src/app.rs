@@ -61,7 +61,8 @@ impl App {
         let Some((scheme, given)) = value.split_once(' ') else {
             return false;
         };
-        scheme.eq_ignore_ascii_case("bearer") && constant_time_eq(given.as_bytes(), token.as_bytes())
+        scheme.eq_ignore_ascii_case("bearer")
+            && constant_time_eq(given.as_bytes(), token.as_bytes())
     }
 
     /// Re-reads the config file (or the embedded defaults), re-applies the flags, and swaps
@@ -136,7 +137,10 @@ impl App {
 
 /// Loads the file (or the embedded defaults) and applies the flags; the message is the one
 /// to print (`config error: …` / `usage error: …`).
-pub fn load_config(path: Option<&std::path::Path>, overrides: &ProxyOverrides) -> Result<Config, String> {
+pub fn load_config(
+    path: Option<&std::path::Path>,
+    overrides: &ProxyOverrides,
+) -> Result<Config, String> {
     let mut config = match path {
         Some(p) => Config::load(p).map_err(|e| e.to_string())?,
         None => Config::embedded().map_err(|e| e.to_string())?,
@@ -154,8 +158,16 @@ pub fn build_runtime(config: Config) -> Result<Runtime, String> {
     let n = &config.network;
     let unix = crate::unix_socket::UnixPolicy {
         allow_all: n.dangerously_allow_all_unix_sockets,
-        allow: n.allow_unix_sockets.iter().map(|e| PathBuf::from(&e.value)).collect(),
-        deny: n.deny_unix_sockets.iter().map(|e| PathBuf::from(&e.value)).collect(),
+        allow: n
+            .allow_unix_sockets
+            .iter()
+            .map(|e| PathBuf::from(&e.value))
+            .collect(),
+        deny: n
+            .deny_unix_sockets
+            .iter()
+            .map(|e| PathBuf::from(&e.value))
+            .collect(),
     };
     Ok(Runtime {
         unix,

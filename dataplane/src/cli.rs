@@ -48,7 +48,12 @@ pub struct Args {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
     /// Log filter (`info`, `debug`, `portcullis=trace`, …).
-    #[arg(long, value_name = "FILTER", env = "PORTCULLIS_LOG", default_value = "info")]
+    #[arg(
+        long,
+        value_name = "FILTER",
+        env = "PORTCULLIS_LOG",
+        default_value = "info"
+    )]
     pub log: String,
 }
 

@@ -114,7 +114,10 @@ pub async fn accept_loop<S, F, R, RF>(
 }
 
 fn is_resource_error(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
+    )
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the resulting soft limit.

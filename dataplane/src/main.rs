@@ -187,7 +187,11 @@ async fn run(args: cli::Args) -> ExitCode {
     let grace = shared.settings().shutdown_grace;
     // In-flight connections hold permits; wait until they are all back or the grace ends.
     let all = max_conns as u32;
-    let _ = tokio::time::timeout(grace + std::time::Duration::from_millis(200), gate.acquire_many(all)).await;
+    let _ = tokio::time::timeout(
+        grace + std::time::Duration::from_millis(200),
+        gate.acquire_many(all),
+    )
+    .await;
     tasks.abort_all();
     ExitCode::SUCCESS
 }

@@ -50,7 +50,7 @@ pub async fn decide(shared: &Shared, q: &Query<'_>) -> Outcome {
         port: q.port,
         method: q.method,
         upgrade: q.upgrade,
-        own_addrs: shared.bound().all_slice(),
+        own_addrs: shared.own_addrs(),
     };
     let proceed: Proceed = match rt.policy.check_name(&ctx) {
         NameStage::Refuse(refusal) => {
@@ -87,11 +87,11 @@ pub async fn decide(shared: &Shared, q: &Query<'_>) -> Outcome {
     };
     let after = Instant::now();
     let outcome = match rt.policy.check_addresses(&ctx, &proceed, &addrs) {
-        Err(refusal) => Outcome::Refuse(
-            shared
-                .reporter()
-                .report(refusal.into_decision(&ctx, q.client, shared.origin())),
-        ),
+        Err(refusal) => Outcome::Refuse(shared.reporter().report(refusal.into_decision(
+            &ctx,
+            q.client,
+            shared.origin(),
+        ))),
         Ok(()) => Outcome::Allow(
             shared
                 .reporter()
@@ -104,7 +104,11 @@ pub async fn decide(shared: &Shared, q: &Query<'_>) -> Outcome {
 }
 
 /// 502/504 for an allowed name without addresses (`policy.md` §4 step 5.2).
-pub fn unresolved_response(failure: ResolveFailure, host: &Host, opts: RenderOpts) -> Response<Body> {
+pub fn unresolved_response(
+    failure: ResolveFailure,
+    host: &Host,
+    opts: RenderOpts,
+) -> Response<Body> {
     match failure {
         ResolveFailure::TimedOut => respond::error_response(
             ProxyError::UpstreamTimeout,

@@ -45,7 +45,11 @@ impl Resolver {
 
     /// Resolves `name` (A and AAAA) within `budget`. IPv4-mapped answers are rewritten to IPv4;
     /// duplicates removed; resolver order kept.
-    pub async fn resolve(&self, name: &str, budget: Duration) -> Result<Vec<IpAddr>, ResolveFailure> {
+    pub async fn resolve(
+        &self,
+        name: &str,
+        budget: Duration,
+    ) -> Result<Vec<IpAddr>, ResolveFailure> {
         let lookup = async {
             match self {
                 Resolver::System => match tokio::net::lookup_host((name, 0)).await {

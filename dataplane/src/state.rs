@@ -88,6 +88,7 @@ pub struct Shared {
     reporter: Reporter,
     origin: Origin,
     bound: Bound,
+    own_addrs: Vec<std::net::SocketAddr>,
     tls: Arc<tokio_rustls::TlsConnector>,
     shutdown: watch::Receiver<bool>,
 }
@@ -106,6 +107,7 @@ impl Shared {
             runtime: ArcSwap::from_pointee(runtime),
             reporter,
             origin,
+            own_addrs: bound.all().collect(),
             bound,
             tls: Arc::new(tls),
             shutdown,
@@ -150,6 +152,11 @@ impl Shared {
     /// The addresses this proxy listens on.
     pub fn bound(&self) -> &Bound {
         &self.bound
+    }
+
+    /// Every address this proxy listens on.
+    pub fn own_addrs(&self) -> &[std::net::SocketAddr] {
+        &self.own_addrs
     }
 
     /// TLS client for `https://` origins.

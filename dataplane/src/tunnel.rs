@@ -97,10 +97,7 @@ impl Direction {
                 }
             }
             while self.start < self.end {
-                let n = ready!(
-                    w.as_mut()
-                        .poll_write(cx, &self.buf[self.start..self.end])
-                )?;
+                let n = ready!(w.as_mut().poll_write(cx, &self.buf[self.start..self.end]))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
@@ -231,7 +228,13 @@ mod tests {
         assert_eq!(back, b"world!");
         let (t, r) = relay_task.await.unwrap();
         r.unwrap();
-        assert_eq!(t, Transferred { upstream: 5, downstream: 6 });
+        assert_eq!(
+            t,
+            Transferred {
+                upstream: 5,
+                downstream: 6
+            }
+        );
     }
 
     #[tokio::test(start_paused = true)]

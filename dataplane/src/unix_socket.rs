@@ -51,9 +51,9 @@ impl UnixPolicy {
         let canonical = std::fs::canonicalize(path).ok();
         let same = |entry: &Path| {
             entry == path
-                || canonical.as_deref().is_some_and(|c| {
-                    std::fs::canonicalize(entry).map_or(entry == c, |ec| ec == c)
-                })
+                || canonical
+                    .as_deref()
+                    .is_some_and(|c| std::fs::canonicalize(entry).map_or(entry == c, |ec| ec == c))
         };
         if let Some(d) = self.deny.iter().find(|d| same(d)) {
             return Verdict2::Denied(d.display().to_string());
@@ -77,12 +77,18 @@ impl UnixPolicy {
 }
 
 /// Handles a request that carries `x-unix-socket`.
-pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>, mut opts: RenderOpts) -> Response<Body> {
+pub async fn handle(
+    ctx: Arc<ConnCtx>,
+    req: Request<Incoming>,
+    mut opts: RenderOpts,
+) -> Response<Body> {
     opts.close = !req.body().is_end_stream();
     let mut values = req.headers().get_all("x-unix-socket").iter();
     let path = match (values.next(), values.next()) {
         (Some(v), None) => match std::str::from_utf8(v.as_bytes()) {
-            Ok(s) if !s.is_empty() && s.len() <= MAX_PATH_BYTES && !s.contains('\0') => s.to_string(),
+            Ok(s) if !s.is_empty() && s.len() <= MAX_PATH_BYTES && !s.contains('\0') => {
+                s.to_string()
+            }
             _ => return invalid(&ctx, opts, "invalid x-unix-socket header"),
         },
         _ => return invalid(&ctx, opts, "invalid x-unix-socket header"),
@@ -94,16 +100,32 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>, mut opts: RenderO
     let rt = ctx.shared.runtime();
     let method = req.method().as_str().to_string();
     let refuse = |reason: Reason, source: Source, kind: MessageKind, rule: Option<String>| {
-        let d = unix_decision(&ctx, Verdict::Deny, reason, source, Some(kind), &method, &path, rule);
+        let d = unix_decision(
+            &ctx,
+            Verdict::Deny,
+            reason,
+            source,
+            Some(kind),
+            &method,
+            &path,
+            rule,
+        );
         let d = ctx.shared.reporter().report(d);
         respond::decision_response(&d, opts)
     };
     if !rt.config.network.enabled {
-        return refuse(Reason::ProxyDisabled, Source::ProxyState, MessageKind::ProxyDisabled, None);
+        return refuse(
+            Reason::ProxyDisabled,
+            Source::ProxyState,
+            MessageKind::ProxyDisabled,
+            None,
+        );
     }
     if rt.mode() == Mode::Limited
-        && (!matches!(req.method(), &Method::GET | &Method::HEAD | &Method::OPTIONS)
-            || headers::has_upgrade(req.headers()))
+        && (!matches!(
+            req.method(),
+            &Method::GET | &Method::HEAD | &Method::OPTIONS
+        ) || headers::has_upgrade(req.headers()))
     {
         let kind = if headers::has_upgrade(req.headers()) {
             MessageKind::UpgradeNotAllowed
@@ -113,17 +135,41 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>, mut opts: RenderO
         return refuse(Reason::MethodNotAllowed, Source::ModeGuard, kind, None);
     }
     if !path.starts_with('/') {
-        return refuse(Reason::NotAllowed, Source::BaselinePolicy, MessageKind::UnixRelative, None);
+        return refuse(
+            Reason::NotAllowed,
+            Source::BaselinePolicy,
+            MessageKind::UnixRelative,
+            None,
+        );
     }
     let dial_path = match rt.unix.check(Path::new(&path)) {
         Verdict2::Denied(rule) => {
-            return refuse(Reason::Denied, Source::BaselinePolicy, MessageKind::UnixDenied, Some(rule));
+            return refuse(
+                Reason::Denied,
+                Source::BaselinePolicy,
+                MessageKind::UnixDenied,
+                Some(rule),
+            );
         }
         Verdict2::NotAllowed => {
-            return refuse(Reason::NotAllowed, Source::BaselinePolicy, MessageKind::UnixNotAllowed, None);
+            return refuse(
+                Reason::NotAllowed,
+                Source::BaselinePolicy,
+                MessageKind::UnixNotAllowed,
+                None,
+            );
         }
         Verdict2::Allow(canonical, rule) => {
-            let d = unix_decision(&ctx, Verdict::Allow, Reason::Allow, Source::BaselinePolicy, None, &method, &path, Some(rule));
+            let d = unix_decision(
+                &ctx,
+                Verdict::Allow,
+                Reason::Allow,
+                Source::BaselinePolicy,
+                None,
+                &method,
+                &path,
+                Some(rule),
+            );
             ctx.shared.reporter().report(d);
             canonical
         }
@@ -190,21 +236,31 @@ fn unix_decision(
     }
 }
 
-async fn forward(ctx: Arc<ConnCtx>, mut req: Request<Incoming>, path: PathBuf, opts: RenderOpts) -> Response<Body> {
+async fn forward(
+    ctx: Arc<ConnCtx>,
+    mut req: Request<Incoming>,
+    path: PathBuf,
+    opts: RenderOpts,
+) -> Response<Body> {
     let settings = ctx.shared.settings();
-    let stream = match tokio::time::timeout(settings.connect_timeout, UnixStream::connect(&path)).await {
-        Err(_) => {
-            return respond::error_response(ProxyError::UpstreamTimeout, "unix socket connect timed out", opts);
-        }
-        Ok(Err(e)) => {
-            return respond::error_response(
-                ProxyError::UpstreamConnectFailed,
-                &format!("unix socket connect failed: {e}"),
-                opts,
-            );
-        }
-        Ok(Ok(s)) => s,
-    };
+    let stream =
+        match tokio::time::timeout(settings.connect_timeout, UnixStream::connect(&path)).await {
+            Err(_) => {
+                return respond::error_response(
+                    ProxyError::UpstreamTimeout,
+                    "unix socket connect timed out",
+                    opts,
+                );
+            }
+            Ok(Err(e)) => {
+                return respond::error_response(
+                    ProxyError::UpstreamConnectFailed,
+                    &format!("unix socket connect failed: {e}"),
+                    opts,
+                );
+            }
+            Ok(Ok(s)) => s,
+        };
     let upgrade = headers::has_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -218,16 +274,30 @@ async fn forward(ctx: Arc<ConnCtx>, mut req: Request<Incoming>, path: PathBuf, o
     let upgrade_value = parts.headers.get(header::UPGRADE).cloned();
     headers::strip_request(&mut parts.headers, false);
     if let Some(v) = upgrade_value {
-        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, v);
     }
-    let target = parts.uri.path_and_query().map(|p| p.as_str()).filter(|p| !p.is_empty()).unwrap_or("/");
+    let target = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .filter(|p| !p.is_empty())
+        .unwrap_or("/");
     parts.uri = match target.parse::<Uri>() {
         Ok(u) => u,
-        Err(_) => return respond::error_response(ProxyError::InvalidRequest, "invalid request target", opts),
+        Err(_) => {
+            return respond::error_response(
+                ProxyError::InvalidRequest,
+                "invalid request target",
+                opts,
+            );
+        }
     };
     parts.version = Version::HTTP_11;
-    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+    {
         Ok(x) => x,
         Err(e) => return respond::error_response(ProxyError::UpstreamFailed, &e.to_string(), opts),
     };
@@ -259,7 +329,9 @@ async fn forward(ctx: Arc<ConnCtx>, mut req: Request<Incoming>, path: PathBuf, o
         let (mut parts, _) = resp.into_parts();
         let up = parts.headers.get(header::UPGRADE).cloned();
         headers::strip_response(&mut parts.headers);
-        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         if let Some(up) = up {
             parts.headers.insert(header::UPGRADE, up);
         }
@@ -289,7 +361,10 @@ mod tests {
         };
         let canon = std::fs::canonicalize(&real).ok();
         assert!(matches!(p.check(&link), Verdict2::Allow(c, _) if c == canon));
-        assert!(matches!(p.check(&dir.join("x/../app.sock")), Verdict2::Allow(..)));
+        assert!(matches!(
+            p.check(&dir.join("x/../app.sock")),
+            Verdict2::Allow(..)
+        ));
         assert_eq!(p.check(&dir.join("other.sock")), Verdict2::NotAllowed);
         let p = UnixPolicy {
             allow_all: true,
@@ -297,7 +372,10 @@ mod tests {
             deny: vec![real.clone()],
         };
         assert!(matches!(p.check(&link), Verdict2::Denied(_)));
-        assert!(matches!(p.check(&dir.join("other.sock")), Verdict2::Allow(None, _)));
+        assert!(matches!(
+            p.check(&dir.join("other.sock")),
+            Verdict2::Allow(None, _)
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

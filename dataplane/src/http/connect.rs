@@ -16,7 +16,11 @@ use crate::dial;
 use crate::pipeline::{self, Outcome};
 
 /// Answers one CONNECT request.
-pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>, opts: RenderOpts) -> Response<Body> {
+pub async fn handle(
+    ctx: Arc<ConnCtx>,
+    mut req: Request<Incoming>,
+    opts: RenderOpts,
+) -> Response<Body> {
     let dest = match target::connect_target(&req) {
         Ok(d) => d,
         Err(detail) => {
@@ -34,7 +38,9 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>, opts: RenderO
     };
     let addrs = match pipeline::decide(&ctx.shared, &query).await {
         Outcome::Refuse(d) => return respond::decision_response(&d, opts),
-        Outcome::Unresolvable(_, failure) => return pipeline::unresolved_response(failure, &dest.host, opts),
+        Outcome::Unresolvable(_, failure) => {
+            return pipeline::unresolved_response(failure, &dest.host, opts);
+        }
         Outcome::Allow(_, addrs) => addrs,
     };
     let settings = ctx.shared.settings();
@@ -58,22 +64,27 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>, opts: RenderO
                 let mut client = parts.io.into_inner();
                 let mut upstream = upstream;
                 // Bytes the client sent right after the CONNECT head go first, in order.
-                if !parts.read_buf.is_empty() && upstream.write_all(&parts.read_buf).await.is_err() {
+                if !parts.read_buf.is_empty() && upstream.write_all(&parts.read_buf).await.is_err()
+                {
                     return;
                 }
-                crate::tunnel_run::run(&shared, Protocol::HttpsConnect, &mut client, &mut upstream).await;
+                crate::tunnel_run::run(&shared, Protocol::HttpsConnect, &mut client, &mut upstream)
+                    .await;
             }
             Err(upgraded) => {
                 let mut client = TokioIo::new(upgraded);
                 let mut upstream = upstream;
-                crate::tunnel_run::run(&shared, Protocol::HttpsConnect, &mut client, &mut upstream).await;
+                crate::tunnel_run::run(&shared, Protocol::HttpsConnect, &mut client, &mut upstream)
+                    .await;
             }
         }
     });
     let mut resp = Response::new(respond::empty());
     *resp.status_mut() = StatusCode::OK;
     resp.extensions_mut()
-        .insert(hyper::ext::ReasonPhrase::from_static(b"Connection established"));
+        .insert(hyper::ext::ReasonPhrase::from_static(
+            b"Connection established",
+        ));
     resp
 }
 

@@ -16,13 +16,19 @@ use super::upstream::{self, Pooled, UpstreamError};
 use crate::pipeline::{self, Outcome};
 
 /// Answers one absolute-form request.
-pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>, mut opts: RenderOpts) -> Response<Body> {
+pub async fn handle(
+    ctx: Arc<ConnCtx>,
+    mut req: Request<Incoming>,
+    mut opts: RenderOpts,
+) -> Response<Body> {
     // A refusal leaves an unread body behind; the connection must then close.
     opts.close = !req.body().is_end_stream();
     let dest = match target::absolute_target(&req) {
         Ok(d) => d,
         Err(detail) => {
-            ctx.shared.metrics().bad_request(super::connect::bad_kind(detail));
+            ctx.shared
+                .metrics()
+                .bad_request(super::connect::bad_kind(detail));
             opts.close = true;
             return respond::error_response(ProxyError::InvalidRequest, detail, opts);
         }
@@ -77,7 +83,11 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>, mut opts: Ren
     tracing::info!(host = %dest.host, port = dest.port, route = "direct", "forwarding request");
 
     if conn.sender.ready().await.is_err() {
-        return respond::error_response(ProxyError::UpstreamFailed, "upstream connection closed", opts);
+        return respond::error_response(
+            ProxyError::UpstreamFailed,
+            "upstream connection closed",
+            opts,
+        );
     }
     let send = conn.sender.send_request(upstream_req);
     let result = match settings.response_header_timeout {
@@ -167,14 +177,23 @@ fn switch_protocols(
     Response::from_parts(parts, respond::empty())
 }
 
-fn upstream_error(ctx: &ConnCtx, e: UpstreamError, dest: &Destination, opts: RenderOpts) -> Response<Body> {
+fn upstream_error(
+    ctx: &ConnCtx,
+    e: UpstreamError,
+    dest: &Destination,
+    opts: RenderOpts,
+) -> Response<Body> {
     match e {
         UpstreamError::Dial(d) => pipeline::dial_error_response(&ctx.shared, &d, dest, opts),
         UpstreamError::Tls(err) => {
             ctx.shared.metrics().upstream_error("tls");
             respond::error_response(
                 ProxyError::UpstreamTlsFailed,
-                &format!("TLS with {}:{} failed: {err}", target::bracketed(&dest.host), dest.port),
+                &format!(
+                    "TLS with {}:{} failed: {err}",
+                    target::bracketed(&dest.host),
+                    dest.port
+                ),
                 opts,
             )
         }

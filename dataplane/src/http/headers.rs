@@ -46,8 +46,14 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 pub fn strip_request(headers: &mut HeaderMap, keep_websocket: bool) {
     strip_common(headers);
     if keep_websocket {
-        headers.insert(header::CONNECTION, header::HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, header::HeaderValue::from_static("websocket"));
+        headers.insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("upgrade"),
+        );
+        headers.insert(
+            header::UPGRADE,
+            header::HeaderValue::from_static("websocket"),
+        );
     }
 }
 
@@ -89,7 +95,10 @@ mod tests {
     #[test]
     fn strips_hop_by_hop_and_named() {
         let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
         h.insert("x-portcullis-decision-id", HeaderValue::from_static("x"));
@@ -102,7 +111,10 @@ mod tests {
     #[test]
     fn response_cannot_forge_block() {
         let mut h = HeaderMap::new();
-        h.insert("x-proxy-error", HeaderValue::from_static("blocked-by-denylist"));
+        h.insert(
+            "x-proxy-error",
+            HeaderValue::from_static("blocked-by-denylist"),
+        );
         h.insert("x-portcullis-decision-id", HeaderValue::from_static("x"));
         h.insert("content-type", HeaderValue::from_static("text/plain"));
         strip_response(&mut h);
@@ -112,7 +124,10 @@ mod tests {
     #[test]
     fn websocket_detection() {
         let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("keep-alive, Upgrade"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
         h.insert("upgrade", HeaderValue::from_static("WebSocket"));
         assert!(is_websocket_upgrade(&h));
         h.insert("upgrade", HeaderValue::from_static("h2c"));

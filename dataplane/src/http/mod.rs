@@ -82,10 +82,14 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<Body> {
         return crate::unix_socket::handle(ctx, req, opts).await;
     }
     if req.method() == Method::CONNECT {
-        ctx.shared.metrics().request(portcullis::decision::Protocol::HttpsConnect);
+        ctx.shared
+            .metrics()
+            .request(portcullis::decision::Protocol::HttpsConnect);
         return connect::handle(ctx, req, opts).await;
     }
-    ctx.shared.metrics().request(portcullis::decision::Protocol::Http);
+    ctx.shared
+        .metrics()
+        .request(portcullis::decision::Protocol::Http);
     if req.version() != http::Version::HTTP_11 && req.version() != http::Version::HTTP_10 {
         return respond::bare(StatusCode::HTTP_VERSION_NOT_SUPPORTED);
     }

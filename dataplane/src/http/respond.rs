@@ -10,7 +10,9 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// A body with fixed contents.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// An empty body.
@@ -36,7 +38,11 @@ pub struct RenderOpts {
 
 /// The Decision response (403, or 503 for `proxy_disabled`) of `decisions.md` §3.
 pub fn decision_response(d: &Decision, opts: RenderOpts) -> Response<Body> {
-    let body = if opts.json { d.json_body() } else { d.text_body() };
+    let body = if opts.json {
+        d.json_body()
+    } else {
+        d.text_body()
+    };
     let status = StatusCode::from_u16(d.reason.http_status()).unwrap_or(StatusCode::FORBIDDEN);
     let mut builder = Response::builder()
         .status(status)

@@ -81,7 +81,12 @@ pub fn connect_target<B>(req: &Request<B>) -> Result<Destination, &'static str> 
         .uri()
         .authority()
         .ok_or("CONNECT needs an authority-form target host:port")?;
-    if req.uri().scheme().is_some() || req.uri().path_and_query().is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty()) {
+    if req.uri().scheme().is_some()
+        || req
+            .uri()
+            .path_and_query()
+            .is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty())
+    {
         return Err("CONNECT needs an authority-form target host:port");
     }
     let raw = authority.as_str();
@@ -113,7 +118,9 @@ pub fn absolute_target<B>(req: &Request<B>) -> Result<Destination, &'static str>
         return Err("requests to the proxy itself must use an absolute URI or CONNECT");
     };
     let scheme = Scheme::parse(scheme).ok_or("unsupported scheme")?;
-    let authority = uri.authority().ok_or("missing host in the request target")?;
+    let authority = uri
+        .authority()
+        .ok_or("missing host in the request target")?;
     let raw = authority.as_str();
     if raw.contains('@') {
         return Err("userinfo in the request target is not allowed");

@@ -54,7 +54,9 @@ pub async fn connect(
     budget: Duration,
 ) -> Result<Pooled, UpstreamError> {
     let stream = dial::dial(addrs, port, budget).await?;
-    let peer = stream.peer_addr().map_err(|e| UpstreamError::Dial(DialError::Failed(e)))?;
+    let peer = stream
+        .peer_addr()
+        .map_err(|e| UpstreamError::Dial(DialError::Failed(e)))?;
     let sender = match tls_name {
         None => handshake(TokioIo::new(stream)).await?,
         Some(name) => {

@@ -26,23 +26,24 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: Sock
             .await?;
         Socks5ServerProtocol::finish_auth(auth).read_command().await
     };
-    let (proto, cmd, target) = match tokio::time::timeout(settings.header_read_timeout, handshake).await {
-        Err(_) => {
-            shared.metrics().bad_request("socks_timeout");
-            return;
-        }
-        Ok(Err(e)) => {
-            // fast-socks5 already sent the reply the error calls for (or none, for a bad version).
-            let kind = match e {
-                SocksServerError::AuthenticationRejected => "socks_auth_failed",
-                _ => "socks_protocol",
-            };
-            tracing::debug!(%peer, error = %e, "SOCKS5 handshake failed");
-            shared.metrics().bad_request(kind);
-            return;
-        }
-        Ok(Ok(x)) => x,
-    };
+    let (proto, cmd, target) =
+        match tokio::time::timeout(settings.header_read_timeout, handshake).await {
+            Err(_) => {
+                shared.metrics().bad_request("socks_timeout");
+                return;
+            }
+            Ok(Err(e)) => {
+                // fast-socks5 already sent the reply the error calls for (or none, for a bad version).
+                let kind = match e {
+                    SocksServerError::AuthenticationRejected => "socks_auth_failed",
+                    _ => "socks_protocol",
+                };
+                tracing::debug!(%peer, error = %e, "SOCKS5 handshake failed");
+                shared.metrics().bad_request(kind);
+                return;
+            }
+            Ok(Ok(x)) => x,
+        };
     shared.metrics().request(Protocol::Socks5Tcp);
     match cmd {
         Socks5Command::TCPConnect => connect(shared, proto, target, peer).await,
@@ -63,7 +64,10 @@ fn destination(target: &TargetAddr) -> Option<(Host, u16)> {
         ),
         TargetAddr::Domain(name, port) => {
             // A bracketed or bare IPv6 text is an IP literal too; a `:port` suffix is invalid.
-            let text = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')).unwrap_or(name);
+            let text = name
+                .strip_prefix('[')
+                .and_then(|n| n.strip_suffix(']'))
+                .unwrap_or(name);
             if text.contains(':') && text.parse::<std::net::Ipv6Addr>().is_err() {
                 return None;
             }
@@ -110,11 +114,13 @@ async fn connect(shared: Arc<Shared>, proto: Proto, target: TargetAddr, peer: So
     let mut upstream = match dial::dial(&addrs, port, settings.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
-            shared.metrics().upstream_error(if matches!(e, dial::DialError::Timeout(_)) {
-                "timeout"
-            } else {
-                "connect"
-            });
+            shared
+                .metrics()
+                .upstream_error(if matches!(e, dial::DialError::Timeout(_)) {
+                    "timeout"
+                } else {
+                    "connect"
+                });
             let _ = proto.reply_error(&reply_for(e.socks_code())).await;
             return;
         }
