@@ -148,7 +148,7 @@ async fn run(args: cli::Args) -> ExitCode {
         http_listener,
         ListenerKind::Http,
         gate.clone(),
-        |shared, stream, peer| http::serve_connection(shared, stream, peer),
+        http::serve_connection,
         |mut stream| async move {
             let _ = stream
                 .write_all(b"HTTP/1.1 503 Service Unavailable\r\nx-proxy-error: too-many-connections\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
@@ -161,7 +161,7 @@ async fn run(args: cli::Args) -> ExitCode {
             l,
             ListenerKind::Socks5,
             gate.clone(),
-            |shared, stream, peer| socks5::serve_connection(shared, stream, peer),
+            socks5::serve_connection,
             |_stream| async {},
         ));
     }

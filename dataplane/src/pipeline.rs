@@ -35,7 +35,7 @@ pub enum Outcome {
     /// Allowed: dial only these checked addresses, in order.
     Allow(Arc<Decision>, Vec<IpAddr>),
     /// Allowed (local binding on) but the name has no address: an upstream error, not policy.
-    Unresolvable(Arc<Decision>, ResolveFailure),
+    Unresolvable(ResolveFailure),
     /// Refused: render this Decision.
     Refuse(Arc<Decision>),
 }
@@ -76,7 +76,8 @@ pub async fn decide(shared: &Shared, q: &Query<'_>) -> Outcome {
                         None => {
                             let d = proceed.allow_decision(&ctx, q.client, shared.origin());
                             shared.metrics().decision_time(name_time + after.elapsed());
-                            return Outcome::Unresolvable(shared.reporter().report(d), failure);
+                            shared.reporter().report(d);
+                            return Outcome::Unresolvable(failure);
                         }
                     };
                     shared.metrics().decision_time(name_time + after.elapsed());

@@ -24,8 +24,6 @@ pub struct Settings {
     pub max_headers: usize,
     /// `limits.header_read_timeout_ms`.
     pub header_read_timeout: Duration,
-    /// `limits.client_idle_timeout_ms`.
-    pub client_idle_timeout: Duration,
     /// `limits.connect_timeout_ms`.
     pub connect_timeout: Duration,
     /// `limits.dns_timeout_ms`.
@@ -36,8 +34,6 @@ pub struct Settings {
     pub tunnel_idle_timeout: Option<Duration>,
     /// `limits.shutdown_grace_ms`.
     pub shutdown_grace: Duration,
-    /// `network.allow_local_binding`.
-    pub allow_local_binding: bool,
 }
 
 impl Settings {
@@ -49,14 +45,12 @@ impl Settings {
         Settings {
             max_header_bytes: l.max_header_bytes as usize,
             max_headers: l.max_headers as usize,
-            header_read_timeout: ms(l.header_read_timeout_ms as u64),
-            client_idle_timeout: ms(l.client_idle_timeout_ms as u64),
-            connect_timeout: ms(l.connect_timeout_ms as u64),
-            dns_timeout: ms(l.dns_timeout_ms as u64),
-            response_header_timeout: opt(l.response_header_timeout_ms as u64),
-            tunnel_idle_timeout: opt(l.tunnel_idle_timeout_ms as u64),
-            shutdown_grace: ms(l.shutdown_grace_ms as u64),
-            allow_local_binding: c.network.allow_local_binding,
+            header_read_timeout: ms(l.header_read_timeout_ms),
+            connect_timeout: ms(l.connect_timeout_ms),
+            dns_timeout: ms(l.dns_timeout_ms),
+            response_header_timeout: opt(l.response_header_timeout_ms),
+            tunnel_idle_timeout: opt(l.tunnel_idle_timeout_ms),
+            shutdown_grace: ms(l.shutdown_grace_ms),
         }
     }
 }

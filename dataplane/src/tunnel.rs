@@ -34,8 +34,10 @@ pub trait ByteSink: Send + Sync {
 }
 
 /// A sink that counts nothing.
+#[cfg(test)]
 pub struct NoCount;
 
+#[cfg(test)]
 impl ByteSink for NoCount {
     fn upstream(&self, _: u64) {}
     fn downstream(&self, _: u64) {}

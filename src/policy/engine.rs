@@ -451,10 +451,8 @@ impl CompiledPolicy {
     }
 }
 
-fn build(
-    ctx: &RequestContext<'_>,
-    client: SocketAddr,
-    origin: &Origin,
+/// The parts of a Decision the engine decides; the request context supplies the rest.
+struct Parts {
     verdict: Verdict,
     reason: Reason,
     source: Source,
@@ -462,24 +460,26 @@ fn build(
     rule: Option<String>,
     address: Option<IpAddr>,
     kind: Option<MessageKind>,
-) -> Decision {
+}
+
+fn build(ctx: &RequestContext<'_>, client: SocketAddr, origin: &Origin, parts: Parts) -> Decision {
     let host = ctx.host.to_string();
-    let message = kind.map(|k| {
+    let message = parts.kind.map(|k| {
         render_message(
             k,
             &MessageTarget {
                 host: &host,
                 port: ctx.port,
                 method: ctx.method,
-                address,
+                address: parts.address,
                 socket_path: None,
             },
         )
     });
     Decision {
-        decision: verdict,
-        reason,
-        source,
+        decision: parts.verdict,
+        reason: parts.reason,
+        source: parts.source,
         protocol: ctx.protocol,
         host,
         port: ctx.port,
@@ -488,10 +488,10 @@ fn build(
         method: ctx.method.map(str::to_string),
         client_address: Some(client.ip()),
         client_port: Some(client.port()),
-        override_,
+        override_: parts.override_,
         ask_id: None,
-        rule,
-        address,
+        rule: parts.rule,
+        address: parts.address,
         socket_path: None,
         message,
         origin: origin.clone(),
@@ -506,18 +506,16 @@ impl Refusal {
         client: SocketAddr,
         origin: &Origin,
     ) -> Decision {
-        build(
-            ctx,
-            client,
-            origin,
-            self.verdict,
-            self.reason,
-            self.source,
-            false,
-            self.rule,
-            self.address,
-            Some(self.kind),
-        )
+        let parts = Parts {
+            verdict: self.verdict,
+            reason: self.reason,
+            source: self.source,
+            override_: false,
+            rule: self.rule,
+            address: self.address,
+            kind: Some(self.kind),
+        };
+        build(ctx, client, origin, parts)
     }
 }
 
@@ -534,17 +532,15 @@ impl Proceed {
         } else {
             (Reason::Allow, Source::BaselinePolicy)
         };
-        build(
-            ctx,
-            client,
-            origin,
-            Verdict::Allow,
+        let parts = Parts {
+            verdict: Verdict::Allow,
             reason,
             source,
-            self.override_,
-            self.rule.clone(),
-            None,
-            None,
-        )
+            override_: self.override_,
+            rule: self.rule.clone(),
+            address: None,
+            kind: None,
+        };
+        build(ctx, client, origin, parts)
     }
 }

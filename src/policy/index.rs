@@ -76,8 +76,8 @@ impl PatternIndex {
                 ix.insert(p);
             }
         }
-        ix.cidr_v4.sort_by(|a, b| b.0.cmp(&a.0));
-        ix.cidr_v6.sort_by(|a, b| b.0.cmp(&a.0));
+        ix.cidr_v4.sort_by_key(|l| std::cmp::Reverse(l.0));
+        ix.cidr_v6.sort_by_key(|l| std::cmp::Reverse(l.0));
         ix
     }
 

@@ -329,7 +329,7 @@ mod tests {
         assert_eq!(norm("[2001:0DB8::0001]").as_deref(), Some("2001:db8::1"));
         assert_eq!(norm("[fe80::1%25eth0]").as_deref(), Some("fe80::1%eth0"));
         assert_eq!(norm("[fe80::1%eth0]").as_deref(), Some("fe80::1%eth0"));
-        let long_name = format!("{}.com", ["a".repeat(60)].repeat(4).join("."));
+        let long_name = format!("{}.com", vec!["a".repeat(62); 4].join("."));
         assert!(long_name.len() >= 254);
         let long_label = format!("{}.com", "a".repeat(64));
         for s in [

@@ -38,10 +38,13 @@ pub async fn handle(
     };
     let addrs = match pipeline::decide(&ctx.shared, &query).await {
         Outcome::Refuse(d) => return respond::decision_response(&d, opts),
-        Outcome::Unresolvable(_, failure) => {
+        Outcome::Unresolvable(failure) => {
             return pipeline::unresolved_response(failure, &dest.host, opts);
         }
-        Outcome::Allow(_, addrs) => addrs,
+        Outcome::Allow(d, addrs) => {
+            tracing::debug!(decision_id = %d.id, "allowed");
+            addrs
+        }
     };
     let settings = ctx.shared.settings();
     let upstream = match dial::dial(&addrs, dest.port, settings.connect_timeout).await {

@@ -12,7 +12,7 @@ use super::ConnCtx;
 use super::headers;
 use super::respond::{self, Body, RenderOpts};
 use super::target::{self, Destination};
-use super::upstream::{self, Pooled, UpstreamError};
+use super::upstream::{self, UpstreamError};
 use crate::pipeline::{self, Outcome};
 
 /// Answers one absolute-form request.
@@ -44,10 +44,13 @@ pub async fn handle(
     };
     let addrs = match pipeline::decide(&ctx.shared, &query).await {
         Outcome::Refuse(d) => return respond::decision_response(&d, opts),
-        Outcome::Unresolvable(_, failure) => {
+        Outcome::Unresolvable(failure) => {
             return pipeline::unresolved_response(failure, &dest.host, opts);
         }
-        Outcome::Allow(_, addrs) => addrs,
+        Outcome::Allow(d, addrs) => {
+            tracing::debug!(decision_id = %d.id, "allowed");
+            addrs
+        }
     };
     opts.close = false;
 

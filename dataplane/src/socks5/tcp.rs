@@ -100,7 +100,7 @@ async fn connect(shared: Arc<Shared>, proto: Proto, target: TargetAddr, peer: So
             let _ = proto.reply_error(&ReplyError::ConnectionNotAllowed).await;
             return;
         }
-        Outcome::Unresolvable(_, failure) => {
+        Outcome::Unresolvable(failure) => {
             let code = match failure {
                 ResolveFailure::TimedOut => ReplyError::TtlExpired,
                 _ => ReplyError::HostUnreachable,
@@ -108,7 +108,10 @@ async fn connect(shared: Arc<Shared>, proto: Proto, target: TargetAddr, peer: So
             let _ = proto.reply_error(&code).await;
             return;
         }
-        Outcome::Allow(_, addrs) => addrs,
+        Outcome::Allow(d, addrs) => {
+            tracing::debug!(decision_id = %d.id, "allowed");
+            addrs
+        }
     };
     let settings = shared.settings();
     let mut upstream = match dial::dial(&addrs, port, settings.connect_timeout).await {
