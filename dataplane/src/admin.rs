@@ -20,7 +20,12 @@ use crate::http::respond::{Body, full};
 const MAX_BODY: usize = 8 * 1024;
 
 /// Serves one admin connection.
-pub async fn serve_connection(app: Arc<App>, stream: TcpStream, _peer: SocketAddr) {
+pub async fn serve_connection(
+    app: Arc<App>,
+    stream: TcpStream,
+    _peer: SocketAddr,
+    _guard: crate::listeners::ConnGuard,
+) {
     let settings = app.shared().settings();
     let service = service_fn(move |req| {
         let app = app.clone();

@@ -16,6 +16,15 @@ pub enum ReloadError {
     Invalid(String),
 }
 
+impl std::fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReloadError::InProgress => f.write_str("reload in progress"),
+            ReloadError::Invalid(m) => f.write_str(m),
+        }
+    }
+}
+
 /// Reload and runtime-mode control over the shared state.
 pub struct App {
     shared: Arc<Shared>,

@@ -62,6 +62,17 @@ pub async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
 
 pub use crate::report::metrics::Listener as ListenerKind;
 
+/// Holds one client connection's place under `limits.max_connections` and its gauge; tunnels
+/// that outlive the HTTP exchange keep a clone, so the slot is freed only when the client
+/// connection really ends.
+pub struct ConnSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _active: crate::report::metrics::ActiveGuard,
+}
+
+/// Shared handle to a [`ConnSlot`].
+pub type ConnGuard = Arc<ConnSlot>;
+
 /// Accepts connections until shutdown, handing each to `serve` while the connection limit
 /// allows; beyond it, `reject` gets the stream (best-effort answer) and it is closed.
 pub async fn accept_loop<S, F, R, RF>(
@@ -72,7 +83,7 @@ pub async fn accept_loop<S, F, R, RF>(
     serve: S,
     reject: R,
 ) where
-    S: Fn(Arc<Shared>, TcpStream, SocketAddr) -> F + Send + Sync + 'static,
+    S: Fn(Arc<Shared>, TcpStream, SocketAddr, ConnGuard) -> F + Send + Sync + 'static,
     F: Future<Output = ()> + Send + 'static,
     R: Fn(TcpStream) -> RF + Send + Sync + 'static,
     RF: Future<Output = ()> + Send + 'static,
@@ -97,13 +108,11 @@ pub async fn accept_loop<S, F, R, RF>(
         let metrics = shared.metrics_arc();
         match gate.clone().try_acquire_owned() {
             Ok(permit) => {
-                let active = metrics.connection_opened(kind);
-                let fut = serve(shared.clone(), stream, peer);
-                tokio::spawn(async move {
-                    fut.await;
-                    drop(active);
-                    drop(permit);
+                let guard = Arc::new(ConnSlot {
+                    _permit: permit,
+                    _active: metrics.connection_opened(kind),
                 });
+                tokio::spawn(serve(shared.clone(), stream, peer, guard));
             }
             Err(_) => {
                 metrics.connection_rejected(kind);

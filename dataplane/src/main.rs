@@ -173,7 +173,9 @@ async fn run(args: cli::Args) -> ExitCode {
             l,
             ListenerKind::Admin,
             admin_gate,
-            move |_shared, stream, peer| admin::serve_connection(app2.clone(), stream, peer),
+            move |_shared, stream, peer, guard| {
+                admin::serve_connection(app2.clone(), stream, peer, guard)
+            },
             |_stream| async {},
         ));
     }
@@ -219,7 +221,7 @@ async fn wait_for_shutdown(app: &App) {
             _ = term.recv() => return,
             _ = hup.recv() => {
                 if let Err(e) = app.reload().await {
-                    tracing::error!("reload failed, keeping the running configuration: {e:?}");
+                    tracing::error!("reload failed, keeping the running configuration: {e}");
                 }
             }
         }

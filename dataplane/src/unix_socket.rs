@@ -319,7 +319,9 @@ async fn forward(
     {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         let shared = ctx.shared.clone();
+        let guard = ctx.guard.clone();
         tokio::spawn(async move {
+            let _guard = guard;
             if let (Ok(c), Ok(u)) = tokio::join!(client_upgrade, upstream_upgrade) {
                 let mut c = TokioIo::new(c);
                 let mut u = TokioIo::new(u);

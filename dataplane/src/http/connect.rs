@@ -54,7 +54,9 @@ pub async fn handle(
     tracing::info!(host = %dest.host, port = dest.port, route = "direct", "tunnel open");
     let shared = ctx.shared.clone();
     let on_upgrade = hyper::upgrade::on(&mut req);
+    let guard = ctx.guard.clone();
     tokio::spawn(async move {
+        let _guard = guard;
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {

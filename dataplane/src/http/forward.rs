@@ -160,7 +160,9 @@ fn switch_protocols(
 ) -> Response<Body> {
     let upstream_upgrade = hyper::upgrade::on(&mut resp);
     let shared = ctx.shared.clone();
+    let guard = ctx.guard.clone();
     tokio::spawn(async move {
+        let _guard = guard;
         let (client, upstream) = match tokio::join!(client_upgrade, upstream_upgrade) {
             (Ok(c), Ok(u)) => (c, u),
             _ => return,

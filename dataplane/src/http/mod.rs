@@ -27,17 +27,25 @@ pub struct ConnCtx {
     pub shared: Arc<Shared>,
     /// Client peer address.
     pub peer: SocketAddr,
+    /// This connection's place under the connection limit (tunnels keep a clone).
+    pub guard: crate::listeners::ConnGuard,
     /// The upstream connection kept for keep-alive reuse by this client connection.
     pub upstream: tokio::sync::Mutex<Option<upstream::Pooled>>,
 }
 
 /// Serves one accepted client connection until it closes.
-pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+pub async fn serve_connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    guard: crate::listeners::ConnGuard,
+) {
     let _ = stream.set_nodelay(true);
     let settings = shared.settings();
     let ctx = Arc::new(ConnCtx {
         shared: shared.clone(),
         peer,
+        guard,
         upstream: tokio::sync::Mutex::new(None),
     });
     let service = service_fn(move |req| {

@@ -17,7 +17,12 @@ use crate::state::Shared;
 type Proto = Socks5ServerProtocol<TcpStream, fast_socks5::server::states::CommandRead>;
 
 /// Serves one SOCKS5 client connection.
-pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+pub async fn serve_connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    _guard: crate::listeners::ConnGuard,
+) {
     let _ = stream.set_nodelay(true);
     let settings = shared.settings();
     let handshake = async {
