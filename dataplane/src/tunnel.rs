@@ -7,14 +7,15 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Copy buffer size per direction.
-const BUF_SIZE: usize = 64 * 1024;
+/// First copy buffer per direction: one page, so idle tunnels stay small.
+const INITIAL_BUF: usize = 4 * 1024;
+/// A direction that fills its buffer in one read is bulk traffic: it moves to this size.
+const BULK_BUF: usize = 64 * 1024;
 
 /// Bytes moved by a finished tunnel.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -55,7 +56,7 @@ struct Direction {
 impl Direction {
     fn new() -> Self {
         Direction {
-            buf: vec![0u8; BUF_SIZE].into_boxed_slice(),
+            buf: vec![0u8; INITIAL_BUF].into_boxed_slice(),
             start: 0,
             end: 0,
             read_done: false,
@@ -87,6 +88,10 @@ impl Direction {
                 return Poll::Ready(Ok(()));
             }
             if self.start == self.end && !self.read_done {
+                if self.end == self.buf.len() && self.buf.len() < BULK_BUF {
+                    // The last read filled the buffer: grow it before the next one.
+                    self.buf = vec![0u8; BULK_BUF].into_boxed_slice();
+                }
                 let mut rb = ReadBuf::new(&mut self.buf);
                 ready!(r.as_mut().poll_read(cx, &mut rb))?;
                 let n = rb.filled().len();
@@ -137,8 +142,6 @@ where
         move |n| sink.upstream(n)
     };
     let down_counter = move |n| sink.downstream(n);
-    let last_progress = Arc::new(AtomicU64::new(0));
-    let started = tokio::time::Instant::now();
     let mut idle_timer = idle.map(|d| Box::pin(tokio::time::sleep(d)));
 
     let result = std::future::poll_fn(|cx| {
@@ -172,12 +175,7 @@ where
         }
         if let (Some(timer), Some(idle)) = (idle_timer.as_mut(), idle) {
             if progress {
-                let now = tokio::time::Instant::now();
-                last_progress.store(
-                    now.duration_since(started).as_millis() as u64,
-                    Ordering::Relaxed,
-                );
-                timer.as_mut().reset(now + idle);
+                timer.as_mut().reset(tokio::time::Instant::now() + idle);
             }
             if timer.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Err(io::Error::new(
