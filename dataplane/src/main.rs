@@ -15,6 +15,7 @@ mod state;
 mod tunnel;
 mod tunnel_run;
 mod unix_socket;
+mod upstream_proxy;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -56,6 +57,7 @@ fn init_logging(filter: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(true)
         .init();
 }

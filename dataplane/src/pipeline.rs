@@ -156,3 +156,22 @@ pub fn dial_error_response(
         }
     }
 }
+
+/// 502/504 for a failed route through the upstream proxy.
+pub fn via_error_response(
+    shared: &Shared,
+    e: &crate::upstream_proxy::ViaError,
+    opts: RenderOpts,
+) -> Response<Body> {
+    use crate::upstream_proxy::ViaError;
+    match e {
+        ViaError::Timeout(_) => {
+            shared.metrics().upstream_error("timeout");
+            respond::error_response(ProxyError::UpstreamTimeout, &e.to_string(), opts)
+        }
+        _ => {
+            shared.metrics().upstream_error("connect");
+            respond::error_response(ProxyError::UpstreamConnectFailed, &e.to_string(), opts)
+        }
+    }
+}

@@ -84,6 +84,7 @@ pub struct Shared {
     bound: Bound,
     own_addrs: Vec<std::net::SocketAddr>,
     tls: Arc<tokio_rustls::TlsConnector>,
+    upstream_proxies: crate::upstream_proxy::UpstreamProxies,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -102,6 +103,10 @@ impl Shared {
             reporter,
             origin,
             own_addrs: bound.all().collect(),
+            upstream_proxies: crate::upstream_proxy::UpstreamProxies::from_env(
+                &|k| std::env::var(k).ok(),
+                &bound.all().collect::<Vec<_>>(),
+            ),
             bound,
             tls: Arc::new(tls),
             shutdown,
@@ -151,6 +156,19 @@ impl Shared {
     /// Every address this proxy listens on.
     pub fn own_addrs(&self) -> &[std::net::SocketAddr] {
         &self.own_addrs
+    }
+
+    /// The upstream proxy for a target, when `allow_upstream_proxy` and the environment say so.
+    pub fn upstream_proxy(
+        &self,
+        secure: bool,
+        host: &portcullis::policy::Host,
+        port: u16,
+    ) -> Option<crate::upstream_proxy::ProxyTarget> {
+        if !self.runtime.load().config.network.allow_upstream_proxy {
+            return None;
+        }
+        self.upstream_proxies.route(secure, host, port).cloned()
     }
 
     /// TLS client for `https://` origins.

@@ -47,11 +47,27 @@ pub async fn handle(
         }
     };
     let settings = ctx.shared.settings();
-    let upstream = match dial::dial(&addrs, dest.port, settings.connect_timeout).await {
-        Ok(s) => s,
-        Err(e) => return pipeline::dial_error_response(&ctx.shared, &e, &dest, opts),
+    let upstream = match ctx.shared.upstream_proxy(true, &dest.host, dest.port) {
+        Some(via) => {
+            let authority = format!("{}:{}", target::bracketed(&dest.host), dest.port);
+            match crate::upstream_proxy::connect_via(&via, &authority, settings.connect_timeout)
+                .await
+            {
+                Ok(s) => {
+                    tracing::info!(host = %dest.host, port = dest.port, route = %"upstream_proxy", "tunnel open");
+                    s
+                }
+                Err(e) => return pipeline::via_error_response(&ctx.shared, &e, opts),
+            }
+        }
+        None => match dial::dial(&addrs, dest.port, settings.connect_timeout).await {
+            Ok(s) => {
+                tracing::info!(host = %dest.host, port = dest.port, route = %"direct", "tunnel open");
+                s
+            }
+            Err(e) => return pipeline::dial_error_response(&ctx.shared, &e, &dest, opts),
+        },
     };
-    tracing::info!(host = %dest.host, port = dest.port, route = "direct", "tunnel open");
     let shared = ctx.shared.clone();
     let on_upgrade = hyper::upgrade::on(&mut req);
     let guard = ctx.guard.clone();

@@ -65,25 +65,43 @@ pub async fn handle(
         .map(|_| dest.host.to_string());
     let settings = ctx.shared.settings();
 
-    // Reuse this client connection's upstream connection only if it goes to a checked address.
-    let mut slot = ctx.upstream.lock().await;
-    let mut conn = match slot.take() {
-        Some(p) if p.fits(&addrs, dest.port, tls_name.as_deref()) => p,
-        _ => match upstream::connect(
-            &addrs,
-            dest.port,
-            tls_name.as_deref(),
-            &ctx.shared.tls_connector(),
-            settings.connect_timeout,
-        )
-        .await
-        {
-            Ok(p) => p,
-            Err(e) => return upstream_error(&ctx, e, &dest, opts),
-        },
+    let via = ctx
+        .shared
+        .upstream_proxy(tls_name.is_some(), &dest.host, dest.port);
+    let mut upstream_req = upstream_req;
+    let (mut conn, poolable) = match via {
+        Some(via) => {
+            match connect_upstream_proxy(&ctx, &via, &dest, tls_name.as_deref(), &mut upstream_req)
+                .await
+            {
+                Ok(c) => (c, false),
+                Err(e) => return upstream_error(&ctx, e, &dest, opts),
+            }
+        }
+        None => {
+            // Reuse this client connection's upstream connection only if it goes to a checked
+            // address (`policy.md` §4).
+            let mut slot = ctx.upstream.lock().await;
+            let conn = match slot.take() {
+                Some(p) if p.fits(&addrs, dest.port, tls_name.as_deref()) => p,
+                _ => match upstream::connect(
+                    &addrs,
+                    dest.port,
+                    tls_name.as_deref(),
+                    &ctx.shared.tls_connector(),
+                    settings.connect_timeout,
+                )
+                .await
+                {
+                    Ok(p) => p,
+                    Err(e) => return upstream_error(&ctx, e, &dest, opts),
+                },
+            };
+            drop(slot);
+            tracing::info!(host = %dest.host, port = dest.port, route = %"direct", "forwarding request");
+            (conn, true)
+        }
     };
-    drop(slot);
-    tracing::info!(host = %dest.host, port = dest.port, route = "direct", "forwarding request");
 
     if conn.sender.ready().await.is_err() {
         return respond::error_response(
@@ -123,12 +141,46 @@ pub async fn handle(
         if let Some(client_upgrade) = client_upgrade {
             return switch_protocols(ctx, resp, client_upgrade);
         }
-    } else {
+    } else if poolable {
         // Keep the connection for the next request of this client.
         *ctx.upstream.lock().await = Some(conn);
     }
     headers::strip_response(resp.headers_mut());
     resp.map(|b| b.boxed())
+}
+
+/// Opens the route through the upstream (parent) proxy: plain `http` goes as an absolute-form
+/// request to it (it receives the name), everything else through `CONNECT host:port`.
+async fn connect_upstream_proxy(
+    ctx: &ConnCtx,
+    via: &crate::upstream_proxy::ProxyTarget,
+    dest: &Destination,
+    tls_name: Option<&str>,
+    req: &mut Request<Incoming>,
+) -> Result<upstream::Pooled, UpstreamError> {
+    let budget = ctx.shared.settings().connect_timeout;
+    let tls = ctx.shared.tls_connector();
+    tracing::info!(host = %dest.host, port = dest.port, route = %"upstream_proxy", "forwarding request");
+    if tls_name.is_some() {
+        let authority = format!("{}:{}", target::bracketed(&dest.host), dest.port);
+        let stream = crate::upstream_proxy::connect_via(via, &authority, budget).await?;
+        return upstream::establish(stream, tls_name, &tls, budget).await;
+    }
+    let stream = crate::upstream_proxy::connect_proxy(via, budget).await?;
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let absolute = format!("http://{}{}", dest.host_header(), path);
+    *req.uri_mut() = absolute
+        .parse::<Uri>()
+        .map_err(|e| UpstreamError::Tls(std::io::Error::other(e)))?;
+    if let Some(auth) = &via.auth {
+        req.headers_mut()
+            .insert(header::PROXY_AUTHORIZATION, auth.clone());
+    }
+    upstream::establish(stream, None, &tls, budget).await
 }
 
 /// Rewrites the client's request into origin-form with the canonical `Host`.
@@ -202,6 +254,7 @@ fn upstream_error(
                 opts,
             )
         }
+        UpstreamError::Via(err) => pipeline::via_error_response(&ctx.shared, &err, opts),
         UpstreamError::Handshake(err) => {
             ctx.shared.metrics().upstream_error("failed");
             respond::error_response(ProxyError::UpstreamFailed, &err.to_string(), opts)

@@ -40,6 +40,9 @@ pub enum UpstreamError {
     /// TLS handshake or verification failed.
     #[error("TLS with the origin failed: {0}")]
     Tls(std::io::Error),
+    /// The upstream (parent) proxy failed.
+    #[error(transparent)]
+    Via(#[from] crate::upstream_proxy::ViaError),
     /// HTTP handshake failed.
     #[error("HTTP handshake with the origin failed: {0}")]
     Handshake(hyper::Error),
@@ -54,6 +57,16 @@ pub async fn connect(
     budget: Duration,
 ) -> Result<Pooled, UpstreamError> {
     let stream = dial::dial(addrs, port, budget).await?;
+    establish(stream, tls_name, tls, budget).await
+}
+
+/// TLS (when `tls_name` is set) and the HTTP/1.1 handshake over a connected stream.
+pub async fn establish(
+    stream: tokio::net::TcpStream,
+    tls_name: Option<&str>,
+    tls: &Arc<tokio_rustls::TlsConnector>,
+    budget: Duration,
+) -> Result<Pooled, UpstreamError> {
     let peer = stream
         .peer_addr()
         .map_err(|e| UpstreamError::Dial(DialError::Failed(e)))?;

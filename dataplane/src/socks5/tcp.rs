@@ -119,6 +119,32 @@ async fn connect(shared: Arc<Shared>, proto: Proto, target: TargetAddr, peer: So
         }
     };
     let settings = shared.settings();
+    if let Some(via) = shared.upstream_proxy(true, &host, port) {
+        let authority = format!("{}:{}", crate::http::target::bracketed(&host), port);
+        let mut upstream =
+            match crate::upstream_proxy::connect_via(&via, &authority, settings.connect_timeout)
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    let code = match e {
+                        crate::upstream_proxy::ViaError::Timeout(_) => ReplyError::TtlExpired,
+                        _ => ReplyError::HostUnreachable,
+                    };
+                    let _ = proto.reply_error(&code).await;
+                    return;
+                }
+            };
+        tracing::info!(%host, port, route = %"upstream_proxy", "SOCKS5 tunnel open");
+        let Ok(mut client) = proto
+            .reply_success(SocketAddr::from(([0, 0, 0, 0], 0)))
+            .await
+        else {
+            return;
+        };
+        crate::tunnel_run::run(&shared, Protocol::Socks5Tcp, &mut client, &mut upstream).await;
+        return;
+    }
     let mut upstream = match dial::dial(&addrs, port, settings.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
