@@ -86,6 +86,8 @@ pub struct Shared {
     tls: Arc<tokio_rustls::TlsConnector>,
     upstream_proxies: crate::upstream_proxy::UpstreamProxies,
     shutdown: watch::Receiver<bool>,
+    version: std::sync::atomic::AtomicU64,
+    udp_associations: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -98,6 +100,7 @@ impl Shared {
         tls: tokio_rustls::TlsConnector,
         shutdown: watch::Receiver<bool>,
     ) -> Shared {
+        let udp_max = runtime.config.limits.max_udp_associations as usize;
         Shared {
             runtime: ArcSwap::from_pointee(runtime),
             reporter,
@@ -108,8 +111,10 @@ impl Shared {
                 &bound.all().collect::<Vec<_>>(),
             ),
             bound,
+            udp_associations: Arc::new(tokio::sync::Semaphore::new(udp_max)),
             tls: Arc::new(tls),
             shutdown,
+            version: std::sync::atomic::AtomicU64::new(1),
         }
     }
 
@@ -121,6 +126,18 @@ impl Shared {
     /// Swaps in a new runtime atomically.
     pub fn swap_runtime(&self, r: Runtime) {
         self.runtime.store(Arc::new(r));
+        self.version
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// A number that changes whenever the runtime (policy) is swapped.
+    pub fn policy_version(&self) -> u64 {
+        self.version.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// A place under `limits.max_udp_associations`, if one is free.
+    pub fn udp_association_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.udp_associations.clone().try_acquire_owned().ok()
     }
 
     /// Current limits and timeouts.

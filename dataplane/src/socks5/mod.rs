@@ -2,5 +2,6 @@
 //! protocol API, then our policy pipeline between reading the command and replying.
 
 mod tcp;
+mod udp;
 
 pub use tcp::serve_connection;

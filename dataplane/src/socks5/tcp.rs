@@ -24,6 +24,10 @@ pub async fn serve_connection(
     _guard: crate::listeners::ConnGuard,
 ) {
     let _ = stream.set_nodelay(true);
+    let local_ip = stream
+        .local_addr()
+        .map(|a| a.ip())
+        .unwrap_or(IpAddr::from([127, 0, 0, 1]));
     let settings = shared.settings();
     let handshake = async {
         let auth = Socks5ServerProtocol::start(stream)
@@ -52,9 +56,10 @@ pub async fn serve_connection(
     shared.metrics().request(Protocol::Socks5Tcp);
     match cmd {
         Socks5Command::TCPConnect => connect(shared, proto, target, peer).await,
-        // UDP ASSOCIATE is not served yet; BIND never is.
+        Socks5Command::UDPAssociate if shared.runtime().config.network.enable_socks5_udp => {
+            associate(shared, proto, target, peer, local_ip).await
+        }
         Socks5Command::UDPAssociate | Socks5Command::TCPBind => {
-            shared.metrics().bad_request("socks_protocol");
             let _ = proto.reply_error(&ReplyError::CommandNotSupported).await;
         }
     }
@@ -176,4 +181,39 @@ fn reply_for(code: u8) -> ReplyError {
         0x06 => ReplyError::TtlExpired,
         _ => ReplyError::GeneralFailure,
     }
+}
+
+/// `UDP ASSOCIATE`: reserve a place, bind the relay next to the TCP listener, reply, relay.
+async fn associate(
+    shared: Arc<Shared>,
+    proto: Proto,
+    target: TargetAddr,
+    peer: SocketAddr,
+    local_ip: IpAddr,
+) {
+    let Some(_slot) = shared.udp_association_slot() else {
+        let _ = proto.reply_error(&ReplyError::GeneralFailure).await;
+        return;
+    };
+    let relay = match tokio::net::UdpSocket::bind(SocketAddr::new(local_ip, 0)).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot bind a UDP relay socket");
+            let _ = proto.reply_error(&ReplyError::GeneralFailure).await;
+            return;
+        }
+    };
+    let Ok(relay_addr) = relay.local_addr() else {
+        let _ = proto.reply_error(&ReplyError::GeneralFailure).await;
+        return;
+    };
+    // The request's DST.ADDR is not trusted; only its port may fix the client's source port.
+    let declared_port = match &target {
+        TargetAddr::Ip(sa) => sa.port(),
+        TargetAddr::Domain(_, p) => *p,
+    };
+    let Ok(control) = proto.reply_success(relay_addr).await else {
+        return;
+    };
+    super::udp::run(shared, control, relay, peer, declared_port).await;
 }
