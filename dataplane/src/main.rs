@@ -120,6 +120,21 @@ async fn run(args: cli::Args) -> ExitCode {
         Ok(t) => t,
         Err(e) => return startup_failure(&e),
     };
+    let socks_credentials = match (
+        &runtime.config.network.socks_username,
+        &runtime.config.network.socks_password_file,
+    ) {
+        (Some(user), Some(file)) => {
+            match policy_build::read_secret_file("network.socks_password_file", file) {
+                Ok(password) => Some(socks5::auth::Credentials {
+                    username: user.clone(),
+                    password,
+                }),
+                Err(e) => return startup_failure(&e),
+            }
+        }
+        _ => None,
+    };
     let blocked_log_size = runtime.config.limits.blocked_log_size as usize;
     let reporter = report::Reporter::new(blocked_log_size);
     let origin = portcullis::decision::Origin {
@@ -135,6 +150,7 @@ async fn run(args: cli::Args) -> ExitCode {
         bound,
         tls,
         shutdown_rx,
+        socks_credentials,
     ));
     let app = Arc::new(App::new(
         shared.clone(),

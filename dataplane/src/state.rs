@@ -87,6 +87,7 @@ pub struct Shared {
     upstream_proxies: crate::upstream_proxy::UpstreamProxies,
     shutdown: watch::Receiver<bool>,
     version: std::sync::atomic::AtomicU64,
+    socks_credentials: Option<crate::socks5::auth::Credentials>,
     udp_associations: Arc<tokio::sync::Semaphore>,
 }
 
@@ -99,6 +100,7 @@ impl Shared {
         bound: Bound,
         tls: tokio_rustls::TlsConnector,
         shutdown: watch::Receiver<bool>,
+        socks_credentials: Option<crate::socks5::auth::Credentials>,
     ) -> Shared {
         let udp_max = runtime.config.limits.max_udp_associations as usize;
         Shared {
@@ -115,6 +117,7 @@ impl Shared {
             tls: Arc::new(tls),
             shutdown,
             version: std::sync::atomic::AtomicU64::new(1),
+            socks_credentials,
         }
     }
 
@@ -128,6 +131,11 @@ impl Shared {
         self.runtime.store(Arc::new(r));
         self.version
             .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// SOCKS5 username/password, when configured.
+    pub fn socks_credentials(&self) -> Option<crate::socks5::auth::Credentials> {
+        self.socks_credentials.clone()
     }
 
     /// A number that changes whenever the runtime (policy) is swapped.

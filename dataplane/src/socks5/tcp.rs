@@ -29,11 +29,28 @@ pub async fn serve_connection(
         .map(|a| a.ip())
         .unwrap_or(IpAddr::from([127, 0, 0, 1]));
     let settings = shared.settings();
+    let creds = shared.socks_credentials();
     let handshake = async {
-        let auth = Socks5ServerProtocol::start(stream)
-            .negotiate_auth(&[NoAuthentication])
-            .await?;
-        Socks5ServerProtocol::finish_auth(auth).read_command().await
+        let authenticated = match &creds {
+            None => {
+                let auth = Socks5ServerProtocol::start(stream)
+                    .negotiate_auth(&[NoAuthentication])
+                    .await?;
+                Socks5ServerProtocol::finish_auth(auth)
+            }
+            Some(c) => {
+                let method = super::auth::PasswordMethod(c);
+                let started = Socks5ServerProtocol::start(stream)
+                    .negotiate_auth(&[&method])
+                    .await?;
+                let done = started
+                    .verify()
+                    .await
+                    .map_err(|()| SocksServerError::AuthenticationRejected)?;
+                Socks5ServerProtocol::finish_auth(done)
+            }
+        };
+        authenticated.read_command().await
     };
     let (proto, cmd, target) =
         match tokio::time::timeout(settings.header_read_timeout, handshake).await {
