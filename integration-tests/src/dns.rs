@@ -78,8 +78,9 @@ impl DnsServer {
                 tokio::spawn(async move {
                     for _ in 0..100 {
                         let mut len = [0u8; 2];
-                        let ok = tokio::time::timeout(Duration::from_secs(30), s.read_exact(&mut len))
-                            .await;
+                        let ok =
+                            tokio::time::timeout(Duration::from_secs(30), s.read_exact(&mut len))
+                                .await;
                         if !matches!(ok, Ok(Ok(_))) {
                             return;
                         }

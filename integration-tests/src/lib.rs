@@ -31,7 +31,8 @@ pub fn admin_post(admin: &str, path: &str, body: &str) -> RawResponse {
 pub fn blocked(admin: &str) -> serde_json::Value {
     let r = admin_get(admin, "/blocked");
     assert_eq!(r.status, 200, "/blocked: {}", r.text());
-    serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("/blocked not JSON ({e}): {}", r.text()))
+    serde_json::from_slice(&r.body)
+        .unwrap_or_else(|e| panic!("/blocked not JSON ({e}): {}", r.text()))
 }
 
 /// The exact §5 message endings.

@@ -43,7 +43,10 @@ pub fn proxy_bin() -> PathBuf {
                 .current_dir(workspace_root())
                 .status()
                 .expect("run cargo build -p portcullis-dataplane");
-            assert!(status.success(), "cargo build -p portcullis-dataplane failed");
+            assert!(
+                status.success(),
+                "cargo build -p portcullis-dataplane failed"
+            );
         }
     });
     assert!(bin.exists(), "proxy binary missing at {}", bin.display());

@@ -73,7 +73,10 @@ pub fn read_response_opts(s: &mut TcpStream, head_only: bool) -> Option<RawRespo
         body: Vec::new(),
     };
     if !head_only {
-        if let Some(len) = resp.header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        if let Some(len) = resp
+            .header("content-length")
+            .and_then(|v| v.parse::<usize>().ok())
+        {
             let mut body = vec![0u8; len];
             s.read_exact(&mut body).ok()?;
             resp.body = body;

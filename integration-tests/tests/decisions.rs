@@ -126,7 +126,11 @@ fn text_body_prefix_line_exact() {
         message,
         format!("{PREFIX}api.example.test:80 is not in the allowlist. {END_ASK}")
     );
-    assert_eq!(dns.total_queries(), 0, "not-allowlisted name must not be resolved");
+    assert_eq!(
+        dns.total_queries(),
+        0,
+        "not-allowlisted name must not be resolved"
+    );
 }
 
 #[test]
@@ -145,7 +149,11 @@ fn json_body_on_accept() {
         assert_eq!(r.status, 403, "Accept {accept}");
         let body = r.text();
         if want_json {
-            assert_eq!(r.header("content-type"), Some("application/json"), "{accept}");
+            assert_eq!(
+                r.header("content-type"),
+                Some("application/json"),
+                "{accept}"
+            );
             assert!(body.ends_with("}\n"), "{accept}: {body:?}");
             assert_eq!(key_order(body.trim_end()), JSON_BODY_KEYS, "{accept}");
             let v = r.json();
@@ -165,4 +173,245 @@ fn json_body_on_accept() {
             );
         }
     }
+}
+
+/// A block response checked against the §2/§3 contract; returns line-1 JSON.
+struct Expect<'a> {
+    status: u16,
+    x_proxy_error: &'a str,
+    reason: &'a str,
+    source: &'a str,
+    protocol: &'a str,
+    message: &'a str,
+}
+
+fn check_block(r: &portcullis_integration_tests::RawResponse, e: &Expect) -> serde_json::Value {
+    let ctx = format!("{} / {}: {} {}", e.protocol, e.reason, r.status, r.text());
+    assert_eq!(r.status, e.status, "{ctx}");
+    assert_eq!(r.header("x-proxy-error"), Some(e.x_proxy_error), "{ctx}");
+    assert_eq!(r.header("cache-control"), Some("no-store"), "{ctx}");
+    let (json, message) = split_text_body(&r.text());
+    assert_eq!(key_order(&json), LINE1_KEYS, "{ctx}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["reason"], e.reason, "{ctx}");
+    assert_eq!(v["source"], e.source, "{ctx}");
+    assert_eq!(v["protocol"], e.protocol, "{ctx}");
+    assert_eq!(
+        v["id"].as_str(),
+        r.header("x-portcullis-decision-id"),
+        "{ctx}"
+    );
+    assert_eq!(message, e.message, "{ctx}");
+    v
+}
+
+fn get_abs(
+    proxy: &ProxyProcess,
+    authority: &str,
+    extra: &str,
+) -> portcullis_integration_tests::RawResponse {
+    let req = format!("GET http://{authority}/ HTTP/1.1\r\nHost: {authority}\r\n{extra}\r\n");
+    portcullis_integration_tests::raw_request(&proxy.http, req.as_bytes()).expect("response")
+}
+
+fn method_abs(
+    proxy: &ProxyProcess,
+    method: &str,
+    authority: &str,
+) -> portcullis_integration_tests::RawResponse {
+    let req = format!(
+        "{method} http://{authority}/ HTTP/1.1\r\nHost: {authority}\r\ncontent-length: 0\r\n\r\n"
+    );
+    portcullis_integration_tests::raw_request(&proxy.http, req.as_bytes()).expect("response")
+}
+
+fn connect_req(proxy: &ProxyProcess, authority: &str) -> portcullis_integration_tests::RawResponse {
+    let req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+    portcullis_integration_tests::raw_request(&proxy.http, req.as_bytes()).expect("response")
+}
+
+fn deny_expect<'a>(
+    reason: &'a str,
+    xerr: &'a str,
+    protocol: &'a str,
+    message: &'a str,
+) -> Expect<'a> {
+    Expect {
+        status: 403,
+        x_proxy_error: xerr,
+        reason,
+        source: "baseline_policy",
+        protocol,
+        message,
+    }
+}
+
+#[test]
+fn reason_not_allowed() {
+    let proxy = ProxyProcess::start(&[], None);
+    let m = format!("{PREFIX}api.example.test:80 is not in the allowlist. {END_ASK}");
+    check_block(
+        &get_abs(&proxy, "api.example.test", ""),
+        &deny_expect("not_allowed", "blocked-by-allowlist", "http", &m),
+    );
+    let m = format!("{PREFIX}api.example.test:443 is not in the allowlist. {END_ASK}");
+    check_block(
+        &connect_req(&proxy, "api.example.test:443"),
+        &deny_expect("not_allowed", "blocked-by-allowlist", "https_connect", &m),
+    );
+}
+
+#[test]
+fn reason_not_allowed_local_literal() {
+    let proxy = ProxyProcess::start(&[], None);
+    for proto in ["http", "https_connect"] {
+        let m = format!("{PREFIX}127.0.0.1:9 is a local or private address. {END_NO}");
+        let r = if proto == "http" {
+            get_abs(&proxy, "127.0.0.1:9", "")
+        } else {
+            connect_req(&proxy, "127.0.0.1:9")
+        };
+        let v = check_block(
+            &r,
+            &deny_expect("not_allowed_local", "blocked-by-allowlist", proto, &m),
+        );
+        assert_eq!(v["host"], "127.0.0.1");
+    }
+}
+
+#[test]
+fn reason_not_allowed_local_resolved() {
+    let dns = DnsServer::start();
+    dns.set("res.test", &[IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))]);
+    let proxy = ProxyProcess::start(&["--allow", "res.test"], Some(&dns_config(&dns, "")));
+    for (proto, port) in [("http", 80), ("https_connect", 443)] {
+        let m = format!(
+            "{PREFIX}res.test:{port} resolves to the local or private address 127.0.0.2. {END_NO}"
+        );
+        let r = if proto == "http" {
+            get_abs(&proxy, "res.test", "")
+        } else {
+            connect_req(&proxy, "res.test:443")
+        };
+        check_block(
+            &r,
+            &deny_expect("not_allowed_local", "blocked-by-allowlist", proto, &m),
+        );
+    }
+    let b = blocked(proxy.admin_addr());
+    for e in b["blocked"].as_array().unwrap() {
+        assert_eq!(e["address"], "127.0.0.2", "{e}");
+    }
+}
+
+#[test]
+fn reason_not_allowed_local_no_address() {
+    let dns = DnsServer::start();
+    dns.set_drop("slow.test");
+    let cfg = format!("{}\n[limits]\ndns_timeout_ms = 200\n", dns_config(&dns, ""));
+    let proxy = ProxyProcess::start(&["--allow", "slow.test"], Some(&cfg));
+    let m = format!(
+        "{PREFIX}slow.test could not be resolved (timed out), so its addresses cannot be checked. {END_NO}"
+    );
+    check_block(
+        &get_abs(&proxy, "slow.test", ""),
+        &deny_expect("not_allowed_local", "blocked-by-allowlist", "http", &m),
+    );
+    check_block(
+        &connect_req(&proxy, "slow.test:443"),
+        &deny_expect(
+            "not_allowed_local",
+            "blocked-by-allowlist",
+            "https_connect",
+            &m,
+        ),
+    );
+}
+
+#[test]
+fn reason_not_allowed_local_always_refused() {
+    let proxy = ProxyProcess::start(
+        &["--allow", "*"],
+        Some("[network]\nallow_local_binding = true\n"),
+    );
+    let m = format!("{PREFIX}0.0.0.0:80 is a reserved address or this proxy itself. {END_NO}");
+    check_block(
+        &get_abs(&proxy, "0.0.0.0", ""),
+        &deny_expect("not_allowed_local", "blocked-by-allowlist", "http", &m),
+    );
+    let m = format!("{PREFIX}0.0.0.0:443 is a reserved address or this proxy itself. {END_NO}");
+    check_block(
+        &connect_req(&proxy, "0.0.0.0:443"),
+        &deny_expect(
+            "not_allowed_local",
+            "blocked-by-allowlist",
+            "https_connect",
+            &m,
+        ),
+    );
+}
+
+#[test]
+fn reason_denied() {
+    let proxy = ProxyProcess::start(&["--allow", "*", "--deny", "bad.test"], None);
+    let m = format!("{PREFIX}bad.test:80 is explicitly denied. {END_NO}");
+    check_block(
+        &get_abs(&proxy, "bad.test", ""),
+        &deny_expect("denied", "blocked-by-denylist", "http", &m),
+    );
+    let m = format!("{PREFIX}bad.test:443 is explicitly denied. {END_NO}");
+    check_block(
+        &connect_req(&proxy, "bad.test:443"),
+        &deny_expect("denied", "blocked-by-denylist", "https_connect", &m),
+    );
+}
+
+#[test]
+fn reason_method_not_allowed_method_and_upgrade() {
+    let proxy = ProxyProcess::start(&["--allow", "ok.test", "--mode", "limited"], None);
+    let mut e = deny_expect("method_not_allowed", "blocked-by-method-policy", "http", "");
+    e.source = "mode_guard";
+    let m = format!(
+        "{PREFIX}POST to ok.test:80 is not allowed in limited mode, which permits only GET, HEAD and OPTIONS. {END_NO}"
+    );
+    e.message = &m;
+    check_block(&method_abs(&proxy, "POST", "ok.test"), &e);
+    let m2 = format!(
+        "{PREFIX}protocol upgrades to ok.test:80 are not allowed in limited mode. {END_NO}"
+    );
+    e.message = &m2;
+    let r = get_abs(
+        &proxy,
+        "ok.test",
+        "Connection: upgrade\r\nUpgrade: websocket\r\n",
+    );
+    check_block(&r, &e);
+}
+
+#[test]
+fn reason_mitm_required() {
+    let proxy = ProxyProcess::start(&["--allow", "ok.test", "--mode", "limited"], None);
+    let m = format!(
+        "{PREFIX}HTTPS to ok.test:443 must be inspected in limited mode, but interception is off. {END_NO}"
+    );
+    let mut e = deny_expect(
+        "mitm_required",
+        "blocked-by-mitm-required",
+        "https_connect",
+        &m,
+    );
+    e.source = "mode_guard";
+    check_block(&connect_req(&proxy, "ok.test:443"), &e);
+}
+
+#[test]
+fn reason_proxy_disabled_503() {
+    let proxy = ProxyProcess::start(&["--allow", "*"], Some("[network]\nenabled = false\n"));
+    let m = format!("{PREFIX}the proxy is disabled, so no traffic is allowed. {END_NO}");
+    let mut e = deny_expect("proxy_disabled", "proxy-disabled", "http", &m);
+    e.status = 503;
+    e.source = "proxy_state";
+    check_block(&get_abs(&proxy, "ok.test", ""), &e);
+    e.protocol = "https_connect";
+    check_block(&connect_req(&proxy, "ok.test:443"), &e);
 }
