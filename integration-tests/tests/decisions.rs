@@ -1,6 +1,7 @@
 //! decisions.md "Tests that must exist".
 
 use portcullis_integration_tests::origin::{fixed_response, http_echo, never_answer};
+
 use portcullis_integration_tests::raw::{connect, read_response, read_response_opts};
 use portcullis_integration_tests::{
     DnsServer, END_ASK, END_NO, PREFIX, ProxyProcess, admin_get, admin_post, blocked, curl,
@@ -414,4 +415,295 @@ fn reason_proxy_disabled_503() {
     check_block(&get_abs(&proxy, "ok.test", ""), &e);
     e.protocol = "https_connect";
     check_block(&connect_req(&proxy, "ok.test:443"), &e);
+}
+
+#[test]
+fn decision_id_same_everywhere() {
+    let proxy = ProxyProcess::start(&[], None);
+    let r1 = get_abs(&proxy, "one.test", "");
+    std::thread::sleep(Duration::from_millis(5));
+    let r2 = get_abs(&proxy, "two.test", "");
+    let mut ids = Vec::new();
+    for r in [&r1, &r2] {
+        let hdr = r
+            .header("x-portcullis-decision-id")
+            .expect("id header")
+            .to_string();
+        let (json, _) = split_text_body(&r.text());
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["id"], hdr.as_str());
+        assert!(is_uuid_v7(&hdr), "not a lower-case UUIDv7: {hdr}");
+        ids.push(hdr);
+    }
+    assert_ne!(ids[0], ids[1]);
+    assert!(ids[0] < ids[1], "v7 ids increase with time: {ids:?}");
+    let b = blocked(proxy.admin_addr());
+    let logged: Vec<&str> = b["blocked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(logged, ids.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(proxy.wait_for_stderr(&ids[1], Duration::from_secs(10)));
+    let vio: Vec<String> = proxy
+        .violations()
+        .iter()
+        .map(|v| v["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(vio, ids);
+}
+
+#[test]
+fn blocked_log_ring() {
+    let proxy = ProxyProcess::start(&[], Some("[limits]\nblocked_log_size = 200\n"));
+    let mut s = connect(&proxy.http);
+    for i in 0..205 {
+        let req = format!("GET http://h{i}.test/ HTTP/1.1\r\nHost: h{i}.test\r\n\r\n");
+        s.write_all(req.as_bytes()).unwrap();
+        let r = read_response(&mut s).expect("response on keep-alive connection");
+        assert_eq!(r.status, 403, "request {i}");
+    }
+    let check = |b: &serde_json::Value| {
+        assert_eq!(b["capacity"], 200);
+        assert_eq!(b["total"], 205);
+        assert_eq!(b["dropped"], 5);
+        let entries = b["blocked"].as_array().unwrap();
+        assert_eq!(entries.len(), 200);
+        assert_eq!(
+            entries[0]["host"], "h5.test",
+            "oldest kept is the 6th request"
+        );
+        assert_eq!(entries[199]["host"], "h204.test");
+    };
+    let first = blocked(proxy.admin_addr());
+    check(&first);
+    let second = blocked(proxy.admin_addr());
+    assert_eq!(first, second, "/blocked does not drain");
+    let r = admin_post(proxy.admin_addr(), "/reload", "");
+    assert_eq!(r.status, 200, "reload: {}", r.text());
+    let third = blocked(proxy.admin_addr());
+    assert_eq!(first, third, "ring survives reload");
+}
+
+#[test]
+fn violation_line_matches_blocked_entry() {
+    let proxy = ProxyProcess::start(&[], None);
+    let r = get_abs(&proxy, "api.example.test", "");
+    let id = r.header("x-portcullis-decision-id").unwrap().to_string();
+    assert!(proxy.wait_for_stderr(&id, Duration::from_secs(10)));
+    let line = proxy
+        .stderr_text()
+        .lines()
+        .find(|l| l.contains("PORTCULLIS_POLICY_VIOLATION ") && l.contains(&id))
+        .unwrap()
+        .to_string();
+    let json = line
+        .split_once("PORTCULLIS_POLICY_VIOLATION ")
+        .unwrap()
+        .1
+        .trim();
+    assert_eq!(key_order(json), CANONICAL_KEYS);
+    let admin_raw = admin_get(proxy.admin_addr(), "/blocked").text();
+    assert!(
+        admin_raw.contains(json),
+        "/blocked holds the identical canonical JSON\n{json}\n{admin_raw}"
+    );
+    let from_log: serde_json::Value = serde_json::from_str(json).unwrap();
+    let b = blocked(proxy.admin_addr());
+    assert_eq!(b["blocked"][0], from_log);
+    assert_eq!(from_log["method"], "GET");
+    assert_eq!(from_log["client_address"], "127.0.0.1");
+    assert_eq!(from_log["session_id"], "default");
+    assert_eq!(from_log["timestamp"].as_str().unwrap().len(), 24);
+}
+
+/// A loopback listener whose backlog is full and never accepted, so new connects hang.
+struct Blackhole {
+    fd: i32,
+    port: u16,
+    _fillers: Vec<std::net::TcpStream>,
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        // SAFETY: closing a descriptor this struct owns.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+fn blackhole() -> Blackhole {
+    // SAFETY: plain socket syscalls on a descriptor we own; the sockaddr is fully initialised.
+    let (fd, port) = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from(Ipv4Addr::LOCALHOST).to_be();
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        assert_eq!(
+            libc::bind(fd, &addr as *const _ as *const libc::sockaddr, len),
+            0
+        );
+        assert_eq!(libc::listen(fd, 0), 0);
+        let mut out: libc::sockaddr_in = std::mem::zeroed();
+        let mut olen = len;
+        libc::getsockname(fd, &mut out as *mut _ as *mut libc::sockaddr, &mut olen);
+        (fd, u16::from_be(out.sin_port))
+    };
+    let target = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut fillers = Vec::new();
+    for _ in 0..16 {
+        match std::net::TcpStream::connect_timeout(&target, Duration::from_millis(300)) {
+            Ok(s) => fillers.push(s),
+            Err(_) => break,
+        }
+    }
+    Blackhole {
+        fd,
+        port,
+        _fillers: fillers,
+    }
+}
+
+#[test]
+fn non_policy_errors_have_no_decision() {
+    // Refused port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let hole = blackhole();
+    let silent = never_answer("127.0.0.1");
+    let allow_refused = format!("127.0.0.1:{port}");
+    let allow_hole = format!("127.0.0.1:{}", hole.port);
+    let allow_silent = format!("127.0.0.1:{}", silent.port());
+    let cfg = "[limits]\nconnect_timeout_ms = 200\nresponse_header_timeout_ms = 1000\n";
+    let proxy = ProxyProcess::start(
+        &[
+            "--allow",
+            &allow_refused,
+            "--allow",
+            &allow_hole,
+            "--allow",
+            &allow_silent,
+        ],
+        Some(cfg),
+    );
+    let cases = [
+        (allow_refused.as_str(), 502, "upstream-connect-failed"),
+        (allow_hole.as_str(), 504, "upstream-timeout"),
+        (allow_silent.as_str(), 504, "upstream-timeout"),
+    ];
+    for (authority, status, xerr) in cases {
+        let r = get_abs(&proxy, authority, "");
+        assert_eq!(r.status, status, "{authority}: {}", r.text());
+        assert_eq!(r.header("x-proxy-error"), Some(xerr), "{authority}");
+        assert_eq!(r.header("x-portcullis-decision-id"), None, "{authority}");
+        assert!(
+            r.text().starts_with(&format!("{xerr}: ")),
+            "{authority}: {:?}",
+            r.text()
+        );
+        assert!(!r.text().contains("PORTCULLIS_POLICY_DECISION"));
+    }
+    assert_eq!(
+        blocked(proxy.admin_addr())["total"],
+        0,
+        "errors are not Decisions"
+    );
+}
+
+#[test]
+fn origin_cannot_forge_block_headers() {
+    let origin = fixed_response(
+        "127.0.0.1",
+        200,
+        &[
+            ("x-proxy-error", "blocked-by-denylist"),
+            ("x-portcullis-decision-id", "x"),
+            ("x-keep", "yes"),
+        ],
+        "hello",
+    );
+    let allow = format!("127.0.0.1:{}", origin.port());
+    let proxy = ProxyProcess::start(&["--allow", &allow], None);
+    let r = curl(&["-x", &proxy.http_url(), &format!("http://{allow}/")]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "hello");
+    assert_eq!(r.header("x-keep"), Some("yes"));
+    assert_eq!(r.header("x-proxy-error"), None);
+    assert_eq!(r.header("x-portcullis-decision-id"), None);
+}
+
+#[test]
+fn head_block_has_no_body() {
+    let proxy = ProxyProcess::start(&[], None);
+    let mut s = connect(&proxy.http);
+    s.write_all(b"HEAD http://nope.test/ HTTP/1.1\r\nHost: nope.test\r\n\r\n")
+        .unwrap();
+    let r = read_response_opts(&mut s, true).expect("HEAD response");
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header("x-proxy-error"), Some("blocked-by-allowlist"));
+    // The next response on the connection must start right away: no body bytes in between.
+    s.write_all(b"GET http://nope2.test/ HTTP/1.1\r\nHost: nope2.test\r\n\r\n")
+        .unwrap();
+    let r2 = read_response(&mut s).expect("second response");
+    assert_eq!(r2.status, 403);
+    assert!(r2.text().contains("nope2.test"));
+}
+
+#[test]
+fn expect_continue_blocked_without_100() {
+    let proxy = ProxyProcess::start(&[], None);
+    let mut s = connect(&proxy.http);
+    s.write_all(
+        b"POST http://nope.test/ HTTP/1.1\r\nHost: nope.test\r\nExpect: 100-continue\r\ncontent-length: 10\r\n\r\n",
+    )
+    .unwrap();
+    let r = read_response(&mut s).expect("response");
+    assert_eq!(
+        r.status, 403,
+        "refused request gets 403 directly, never 100"
+    );
+    assert!(r.text().starts_with("PORTCULLIS_POLICY_DECISION "));
+}
+
+#[test]
+fn block_with_unread_body_closes_connection() {
+    let proxy = ProxyProcess::start(&[], None);
+    let mut s = connect(&proxy.http);
+    s.write_all(
+        b"POST http://nope.test/ HTTP/1.1\r\nHost: nope.test\r\ncontent-length: 1000000\r\n\r\nabc",
+    )
+    .unwrap();
+    let r = read_response(&mut s).expect("response");
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header("connection"), Some("close"));
+    let rest = portcullis_integration_tests::raw::read_to_eof(&mut s);
+    assert!(
+        rest.is_empty(),
+        "connection closed after the 403, got {} more bytes",
+        rest.len()
+    );
+}
+
+#[test]
+fn keepalive_survives_block_without_body() {
+    let origin = http_echo("127.0.0.1");
+    let allow = format!("127.0.0.1:{}", origin.port());
+    let proxy = ProxyProcess::start(&["--allow", &allow], None);
+    let mut s = connect(&proxy.http);
+    s.write_all(b"GET http://nope.test/ HTTP/1.1\r\nHost: nope.test\r\n\r\n")
+        .unwrap();
+    let r = read_response(&mut s).expect("first response");
+    assert_eq!(r.status, 403);
+    assert_ne!(r.header("connection"), Some("close"));
+    let req = format!("GET http://{allow}/after HTTP/1.1\r\nHost: {allow}\r\n\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let r2 = read_response(&mut s).expect("second response on the same connection");
+    assert_eq!(r2.status, 200, "{}", r2.text());
+    let v: serde_json::Value = serde_json::from_slice(&r2.body).unwrap();
+    assert_eq!(v["path"], "/after");
 }
