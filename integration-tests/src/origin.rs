@@ -457,3 +457,52 @@ pub fn tcp_sink(ip: &str) -> Origin {
         }),
     )
 }
+
+/// A loopback listener whose backlog is full and never accepted, so new connects hang.
+pub struct Blackhole {
+    fd: i32,
+    /// Listening port.
+    pub port: u16,
+    _fillers: Vec<std::net::TcpStream>,
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        // SAFETY: closing a descriptor this struct owns.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+pub fn blackhole() -> Blackhole {
+    // SAFETY: plain socket syscalls on a descriptor we own; the sockaddr is fully initialised.
+    let (fd, port) = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        assert_eq!(
+            libc::bind(fd, &addr as *const _ as *const libc::sockaddr, len),
+            0
+        );
+        assert_eq!(libc::listen(fd, 0), 0);
+        let mut out: libc::sockaddr_in = std::mem::zeroed();
+        let mut olen = len;
+        libc::getsockname(fd, &mut out as *mut _ as *mut libc::sockaddr, &mut olen);
+        (fd, u16::from_be(out.sin_port))
+    };
+    let target = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+    let mut fillers = Vec::new();
+    for _ in 0..16 {
+        match std::net::TcpStream::connect_timeout(&target, Duration::from_millis(300)) {
+            Ok(s) => fillers.push(s),
+            Err(_) => break,
+        }
+    }
+    Blackhole {
+        fd,
+        port,
+        _fillers: fillers,
+    }
+}

@@ -1,6 +1,6 @@
 //! decisions.md "Tests that must exist".
 
-use portcullis_integration_tests::origin::{fixed_response, http_echo, never_answer};
+use portcullis_integration_tests::origin::{blackhole, fixed_response, http_echo, never_answer};
 
 use portcullis_integration_tests::raw::{connect, read_response, read_response_opts};
 use portcullis_integration_tests::{
@@ -516,54 +516,6 @@ fn violation_line_matches_blocked_entry() {
     assert_eq!(from_log["client_address"], "127.0.0.1");
     assert_eq!(from_log["session_id"], "default");
     assert_eq!(from_log["timestamp"].as_str().unwrap().len(), 24);
-}
-
-/// A loopback listener whose backlog is full and never accepted, so new connects hang.
-struct Blackhole {
-    fd: i32,
-    port: u16,
-    _fillers: Vec<std::net::TcpStream>,
-}
-
-impl Drop for Blackhole {
-    fn drop(&mut self) {
-        // SAFETY: closing a descriptor this struct owns.
-        unsafe { libc::close(self.fd) };
-    }
-}
-
-fn blackhole() -> Blackhole {
-    // SAFETY: plain socket syscalls on a descriptor we own; the sockaddr is fully initialised.
-    let (fd, port) = unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        assert!(fd >= 0);
-        let mut addr: libc::sockaddr_in = std::mem::zeroed();
-        addr.sin_family = libc::AF_INET as libc::sa_family_t;
-        addr.sin_addr.s_addr = u32::from(Ipv4Addr::LOCALHOST).to_be();
-        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        assert_eq!(
-            libc::bind(fd, &addr as *const _ as *const libc::sockaddr, len),
-            0
-        );
-        assert_eq!(libc::listen(fd, 0), 0);
-        let mut out: libc::sockaddr_in = std::mem::zeroed();
-        let mut olen = len;
-        libc::getsockname(fd, &mut out as *mut _ as *mut libc::sockaddr, &mut olen);
-        (fd, u16::from_be(out.sin_port))
-    };
-    let target = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut fillers = Vec::new();
-    for _ in 0..16 {
-        match std::net::TcpStream::connect_timeout(&target, Duration::from_millis(300)) {
-            Ok(s) => fillers.push(s),
-            Err(_) => break,
-        }
-    }
-    Blackhole {
-        fd,
-        port,
-        _fillers: fillers,
-    }
 }
 
 #[test]
