@@ -71,10 +71,12 @@ type Handler = Arc<
 >;
 
 fn spawn(ip: &str, handler: Handler) -> Origin {
+    try_spawn(ip, 0, handler).unwrap_or_else(|e| panic!("bind origin on {ip}: {e}"))
+}
+
+fn try_spawn(ip: &str, port: u16, handler: Handler) -> std::io::Result<Origin> {
     let rt = runtime();
-    let listener = rt
-        .block_on(TcpListener::bind((ip, 0)))
-        .unwrap_or_else(|e| panic!("bind origin on {ip}: {e}"));
+    let listener = rt.block_on(TcpListener::bind((ip, port)))?;
     let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
     let requests = Arc::new(Mutex::new(Vec::new()));
@@ -88,12 +90,12 @@ fn spawn(ip: &str, handler: Handler) -> Origin {
             tokio::spawn(handler(stream, r.clone()));
         }
     });
-    Origin {
+    Ok(Origin {
         addr,
         connections,
         requests,
         task,
-    }
+    })
 }
 
 /// A parsed request head.
@@ -241,8 +243,14 @@ async fn read_body(
 /// HTTP echo origin: answers every request with JSON
 /// `{"method","path","headers":[[name,value]...],"body_sha256","body_len"}`; keep-alive.
 pub fn http_echo(ip: &str) -> Origin {
-    spawn(
+    http_echo_at(ip, 0).unwrap_or_else(|e| panic!("bind echo origin on {ip}: {e}"))
+}
+
+/// [`http_echo`] on a given port (0 = any).
+pub fn http_echo_at(ip: &str, port: u16) -> std::io::Result<Origin> {
+    try_spawn(
         ip,
+        port,
         Arc::new(|mut s, log| {
             Box::pin(async move {
                 let mut rest = Vec::new();
