@@ -35,6 +35,7 @@ pub async fn serve_connection(
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
         .max_buf_size(settings.max_header_bytes.max(8192))
+        .max_header_size(settings.max_header_bytes)
         .max_headers(settings.max_headers)
         .serve_connection(TokioIo::new(stream), service)
         .await;

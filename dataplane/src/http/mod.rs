@@ -42,6 +42,17 @@ pub async fn serve_connection(
 ) {
     let _ = stream.set_nodelay(true);
     let settings = shared.settings();
+    if is_h2_preface(&stream, settings.header_read_timeout).await {
+        // HTTP/1.1 only (`http.md` §1): answer 505 and close.
+        shared.metrics().bad_request("unsupported_version");
+        let mut stream = stream;
+        let _ = tokio::io::AsyncWriteExt::write_all(
+            &mut stream,
+            b"HTTP/1.1 505 HTTP Version Not Supported\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        return;
+    }
     let ctx = Arc::new(ConnCtx {
         shared: shared.clone(),
         peer,
@@ -59,6 +70,7 @@ pub async fn serve_connection(
         .half_close(false)
         .header_read_timeout(settings.header_read_timeout)
         .max_buf_size(settings.max_header_bytes.max(8192))
+        .max_header_size(settings.max_header_bytes)
         .max_headers(settings.max_headers);
     let conn = builder
         .serve_connection(TokioIo::new(stream), service)
@@ -76,6 +88,17 @@ pub async fn serve_connection(
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(settings.shutdown_grace, conn).await;
         }
+    }
+}
+
+/// Whether the connection starts with the HTTP/2 preface (`PRI * HTTP/2.0`). Peeks only the
+/// first segment; anything shorter goes to the HTTP/1 parser as usual.
+async fn is_h2_preface(stream: &TcpStream, limit: std::time::Duration) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0";
+    let mut buf = [0u8; 14];
+    match tokio::time::timeout(limit, stream.peek(&mut buf)).await {
+        Ok(Ok(n)) => n > 0 && PREFACE.starts_with(&buf[..n]) && n >= 4,
+        _ => false,
     }
 }
 
