@@ -113,6 +113,11 @@ impl App {
         let bound = self.shared.bound();
         let mut value = rt.config.to_json();
         if let serde_json::Value::Object(map) = &mut value {
+            if let Some(serde_json::Value::Object(control)) = map.get_mut("control") {
+                // Standalone until the attach stream exists.
+                control.insert("attached".into(), serde_json::Value::Bool(false));
+                control.insert("policy_version".into(), serde_json::Value::Null);
+            }
             map.insert(
                 "listeners".into(),
                 serde_json::json!({

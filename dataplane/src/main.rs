@@ -198,10 +198,15 @@ async fn run(args: cli::Args) -> ExitCode {
         ));
     }
 
+    // Signal handlers exist before anyone can learn our addresses from the ready line.
+    let signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => return startup_failure(&format!("cannot install signal handlers: {e}")),
+    };
     println!("{}", shared.bound().ready_line());
     tracing::info!(proxy_id = %shared.origin().proxy_id, "portcullis-proxy ready");
 
-    wait_for_shutdown(&app).await;
+    signals.wait_for_shutdown(&app).await;
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
     let grace = shared.settings().shutdown_grace;
@@ -221,25 +226,33 @@ fn startup_failure(msg: &str) -> ExitCode {
     ExitCode::from(1)
 }
 
-/// Waits for SIGINT/SIGTERM; SIGHUP reloads the configuration meanwhile.
-async fn wait_for_shutdown(app: &App) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = int.recv() => return,
-            _ = term.recv() => return,
-            _ = hup.recv() => {
-                if let Err(e) = app.reload().await {
-                    tracing::error!("reload failed, keeping the running configuration: {e}");
+/// SIGINT, SIGTERM (shutdown) and SIGHUP (reload) streams.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Waits for SIGINT/SIGTERM; SIGHUP reloads the configuration meanwhile.
+    async fn wait_for_shutdown(mut self, app: &App) {
+        loop {
+            tokio::select! {
+                _ = self.int.recv() => return,
+                _ = self.term.recv() => return,
+                _ = self.hup.recv() => {
+                    if let Err(e) = app.reload().await {
+                        tracing::error!("reload failed, keeping the running configuration: {e}");
+                    }
                 }
             }
         }
