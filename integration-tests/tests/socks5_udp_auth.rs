@@ -225,3 +225,114 @@ fn password_file_readable_by_others_is_a_startup_error() {
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("accessible by other users"), "{err}");
 }
+
+#[test]
+fn tunnel_64mib_sha256_through_socks5() {
+    use portcullis_integration_tests::origin::{sha256_hex, tcp_sink};
+    let sink = tcp_sink("127.0.0.1");
+    let allow = format!("127.0.0.1:{}", sink.port());
+    let proxy = ProxyProcess::start(&["--allow", &allow], None);
+    let mut s = connect(proxy.socks5_addr());
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    greet_no_auth(&mut s);
+    let (rep, bnd) = request_v4(&mut s, 1, allow.parse().unwrap());
+    assert_eq!(rep, 0);
+    assert!(
+        bnd.ip().is_loopback(),
+        "BND is the outbound socket's local address: {bnd}"
+    );
+    let data: Vec<u8> = (0..64usize << 20)
+        .map(|i| (i * 7 + i / 4093) as u8)
+        .collect();
+    let want = sha256_hex(&data);
+    let writer = {
+        let mut w = s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for chunk in data.chunks(1 << 20) {
+                w.write_all(chunk).unwrap();
+            }
+            w.shutdown(std::net::Shutdown::Write).unwrap();
+        })
+    };
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    writer.join().unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), want);
+}
+
+#[test]
+fn ipv6_targets_and_malformed_greetings() {
+    let proxy = ProxyProcess::start(&[], None);
+    // IPv6 loopback literal with local binding off: a policy refusal (0x02) with a Decision.
+    let mut s = connect(proxy.socks5_addr());
+    greet_no_auth(&mut s);
+    let mut req = vec![5, 1, 0, 4];
+    req.extend_from_slice(&std::net::Ipv6Addr::LOCALHOST.octets());
+    req.extend_from_slice(&80u16.to_be_bytes());
+    s.write_all(&req).unwrap();
+    let (rep, _) = read_reply(&mut s);
+    assert_eq!(rep, 0x02);
+    let b = blocked(proxy.admin_addr());
+    let last = b["blocked"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (last["host"].as_str(), last["reason"].as_str()),
+        (Some("::1"), Some("not_allowed_local"))
+    );
+    assert_eq!(last["protocol"], "socks5_tcp");
+
+    // A domain target that is an IPv6 text with a port suffix is invalid: 0x01, no Decision.
+    let before = blocked(proxy.admin_addr())["total"].as_u64().unwrap();
+    let mut s = connect(proxy.socks5_addr());
+    greet_no_auth(&mut s);
+    let name = b"example.test:443";
+    let mut req = vec![5, 1, 0, 3, name.len() as u8];
+    req.extend_from_slice(name);
+    req.extend_from_slice(&443u16.to_be_bytes());
+    s.write_all(&req).unwrap();
+    let (rep, _) = read_reply(&mut s);
+    assert_eq!(rep, 0x01);
+    assert_eq!(
+        blocked(proxy.admin_addr())["total"].as_u64().unwrap(),
+        before
+    );
+
+    // Bad version in the request: closed without a reply.
+    let mut s = connect(proxy.socks5_addr());
+    greet_no_auth(&mut s);
+    s.write_all(&[4, 1, 0, 1, 127, 0, 0, 1, 0, 80]).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(s.read(&mut buf).unwrap_or(0), 0);
+
+    // Truncated greeting: the proxy waits (bounded by the handshake timeout), never crashes.
+    let mut s = connect(proxy.socks5_addr());
+    s.write_all(&[5, 3, 0]).unwrap();
+    drop(s);
+    let r = portcullis_integration_tests::admin_get(proxy.admin_addr(), "/health");
+    assert_eq!(r.status, 200, "still serving after hostile greetings");
+}
+
+#[test]
+fn curl_socks5_ip_and_hostname() {
+    use portcullis_integration_tests::curl;
+    use portcullis_integration_tests::origin::http_echo;
+    let origin = http_echo("127.0.0.1");
+    let allow = format!("127.0.0.1:{}", origin.port());
+    let proxy = ProxyProcess::start(&["--allow", &allow, "--deny", "denied.test"], None);
+    let url = format!("http://{allow}/x");
+    let r = curl(&["--socks5", proxy.socks5_addr(), &url]);
+    assert_eq!(r.status, 200, "curl --socks5 (IP)");
+    let r = curl(&["--socks5-hostname", proxy.socks5_addr(), &url]);
+    assert_eq!(r.status, 200, "curl --socks5-hostname");
+    let r = curl(&[
+        "--socks5-hostname",
+        proxy.socks5_addr(),
+        "http://denied.test/",
+    ]);
+    assert_ne!(r.exit_code, 0);
+    let b = blocked(proxy.admin_addr());
+    let last = b["blocked"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (last["reason"].as_str(), last["protocol"].as_str()),
+        (Some("denied"), Some("socks5_tcp"))
+    );
+}
