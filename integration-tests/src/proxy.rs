@@ -128,7 +128,6 @@ impl ProxyProcess {
     /// Starts the proxy with `args` (listeners default to `127.0.0.1:0` unless given) and an
     /// optional TOML config, and waits up to 20 s for the ready line.
     pub fn start(args: &[&str], config_toml: Option<&str>) -> ProxyProcess {
-        let config = write_config(config_toml);
         let mut full: Vec<&str> = Vec::new();
         for flag in ["--http", "--admin", "--socks5"] {
             if !args.contains(&flag) {
@@ -137,7 +136,14 @@ impl ProxyProcess {
             }
         }
         full.extend_from_slice(args);
-        let mut child = command(&full, config.as_ref())
+        Self::start_exact(&full, config_toml)
+    }
+
+    /// As [`ProxyProcess::start`], but passes exactly `args` (no default listener flags).
+    pub fn start_exact(args: &[&str], config_toml: Option<&str>) -> ProxyProcess {
+        let config = write_config(config_toml);
+        let full = args;
+        let mut child = command(full, config.as_ref())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
