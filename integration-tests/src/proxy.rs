@@ -181,7 +181,7 @@ impl ProxyProcess {
                 let _ = child.wait();
                 thread::sleep(Duration::from_millis(100));
                 panic!(
-                    "proxy printed no ready line within 20 s; stderr:\n{}",
+                    "proxy exited or printed no ready line within 20 s; stderr:\n{}",
                     stderr.lock().unwrap()
                 );
             }
