@@ -6,7 +6,11 @@ use std::time::Duration;
 #[test]
 fn help_exits_0() {
     let (status, stdout, _stderr) = run_to_exit(&["--help"], None);
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM after the ready line must be a clean shutdown, got {status:?}"
+    );
     assert!(stdout.contains("--allow"), "{stdout}");
     assert!(stdout.contains("--config"), "{stdout}");
 }
@@ -45,7 +49,7 @@ fn bad_config_exits_2_with_config_error() {
 }
 
 #[test]
-fn ready_line_shape_and_sigterm_exits_0() {
+fn ready_line_shape_and_sigterm_right_after_ready_exits_0() {
     let mut proxy = ProxyProcess::start(&[], None);
     let keys: Vec<&String> = proxy.ready.as_object().unwrap().keys().collect();
     assert_eq!(keys.len(), 5, "{}", proxy.ready);
@@ -55,7 +59,11 @@ fn ready_line_shape_and_sigterm_exits_0() {
     let status = proxy
         .wait_exit(Duration::from_secs(30))
         .expect("exit after SIGTERM");
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM after the ready line must be a clean shutdown, got {status:?}"
+    );
 }
 
 #[test]
