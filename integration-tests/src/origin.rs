@@ -308,13 +308,24 @@ pub fn http_echo_at(ip: &str, port: u16) -> std::io::Result<Origin> {
 
 /// Origin that answers every request with `status`, the given extra headers and `body`.
 pub fn fixed_response(ip: &str, status: u16, headers: &[(&str, &str)], body: &str) -> Origin {
+    fixed_response_bytes(ip, status, headers, body.as_bytes())
+}
+
+/// [`fixed_response`] with a binary body.
+pub fn fixed_response_bytes(
+    ip: &str,
+    status: u16,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Origin {
     let mut head = format!("HTTP/1.1 {status} X\r\ncontent-length: {}\r\n", body.len());
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
-    head.push_str(body);
-    let resp = Arc::new(head.into_bytes());
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(body);
+    let resp = Arc::new(bytes);
     spawn(
         ip,
         Arc::new(move |mut s, _log| {
