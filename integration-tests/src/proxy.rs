@@ -209,6 +209,11 @@ impl ProxyProcess {
         format!("http://{}", self.http)
     }
 
+    /// Path of the temporary config file, when one was given (rewrite it, then `POST /reload`).
+    pub fn config_path(&self) -> Option<&std::path::Path> {
+        self._config.as_ref().map(|f| f.path())
+    }
+
     /// Admin address; panics when the admin listener is disabled.
     pub fn admin_addr(&self) -> &str {
         self.admin.as_deref().expect("admin listener enabled")

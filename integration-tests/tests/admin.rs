@@ -210,3 +210,77 @@ fn admin_token_required_except_health() {
         "/config must not contain the token text"
     );
 }
+
+fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn admin_metrics_count_decisions_and_blocks() {
+    let proxy = ProxyProcess::start(&[], None);
+    let before = admin_get(proxy.admin_addr(), "/metrics").text();
+    assert_eq!(
+        metric(
+            &before,
+            r#"portcullis_blocks_total{protocol="http",reason="not_allowed"}"#
+        ),
+        Some(0.0),
+        "labelled families are pre-initialised with zero"
+    );
+    let req = b"GET http://nope.test/ HTTP/1.1\r\nHost: nope.test\r\n\r\n";
+    for _ in 0..2 {
+        assert_eq!(raw_request(&proxy.http, req).unwrap().status, 403);
+    }
+    let after = admin_get(proxy.admin_addr(), "/metrics").text();
+    assert_eq!(
+        metric(
+            &after,
+            r#"portcullis_blocks_total{protocol="http",reason="not_allowed"}"#
+        ),
+        Some(2.0),
+        "{after}"
+    );
+    assert_eq!(
+        metric(
+            &after,
+            r#"portcullis_decisions_total{protocol="http",decision="deny"}"#
+        ),
+        Some(2.0)
+    );
+    assert_eq!(metric(&after, "portcullis_blocked_log_total"), Some(2.0));
+}
+
+#[test]
+fn admin_reload_applies_new_allowlist_and_rejects_invalid() {
+    let origin = portcullis_integration_tests::origin::http_echo("127.0.0.1");
+    let allow = format!("127.0.0.1:{}", origin.port());
+    let proxy = ProxyProcess::start(&[], Some("[network]\nallowed_domains = []\n"));
+    let req = format!("GET http://{allow}/ HTTP/1.1\r\nHost: {allow}\r\n\r\n");
+    assert_eq!(
+        raw_request(&proxy.http, req.as_bytes()).unwrap().status,
+        403
+    );
+    let path = proxy.config_path().unwrap().to_path_buf();
+    std::fs::write(
+        &path,
+        format!("[network]\nallowed_domains = [\"{allow}\"]\n"),
+    )
+    .unwrap();
+    let r = admin_post(proxy.admin_addr(), "/reload", "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        raw_request(&proxy.http, req.as_bytes()).unwrap().status,
+        200
+    );
+    std::fs::write(&path, "[network]\nallowed_domains = [\"**\"]\n").unwrap();
+    let r = admin_post(proxy.admin_addr(), "/reload", "");
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(
+        raw_request(&proxy.http, req.as_bytes()).unwrap().status,
+        200,
+        "a refused reload keeps the previous policy"
+    );
+}
