@@ -479,3 +479,52 @@ fn h2c_upgrade_is_stripped() {
     assert_eq!(header_of(&v, "http2-settings"), None);
     assert_eq!(origin.requests().len(), 1);
 }
+
+#[test]
+fn slow_header_is_408() {
+    let proxy = ProxyProcess::start(&[], Some("[limits]\nheader_read_timeout_ms = 500\n"));
+    let mut s = connect(&proxy.http);
+    s.write_all(b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\n")
+        .unwrap();
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        // One header byte every 100 ms, never finishing the head; stops when the proxy closes.
+        for _ in 0..100 {
+            if w.write_all(b"X").is_err() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    });
+    let r = read_response(&mut s).expect("408 response");
+    assert_eq!(r.status, 408);
+    drop(s);
+    writer.join().unwrap();
+}
+
+#[test]
+fn ipv6_loopback_origin_with_exact_entry() {
+    let Ok(probe) = std::net::TcpListener::bind("[::1]:0") else {
+        eprintln!("skipping: no IPv6 loopback");
+        return;
+    };
+    drop(probe);
+    let origin = http_echo("::1");
+    let entry = format!("[::1]:{}", origin.port());
+    let proxy = ProxyProcess::start(&["--allow", &entry], None);
+    let r = curl(&["-x", &proxy.http_url(), &format!("http://{entry}/v6")]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["path"], "/v6");
+    assert_eq!(
+        header_of(&r.json(), "host").as_deref(),
+        Some(entry.as_str())
+    );
+    let other = format!("http://[::1]:{}/", origin.port() as u32 % 65535 + 1);
+    let r = curl(&["-x", &proxy.http_url(), &other]);
+    assert_eq!(r.status, 403);
+    assert!(r.text().contains("\"reason\":\"not_allowed_local\""));
+    assert!(
+        r.text().contains("\"host\":\"::1\""),
+        "IPv6 host without brackets"
+    );
+}
