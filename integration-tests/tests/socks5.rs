@@ -121,3 +121,48 @@ fn socks_codes() {
     let (_s, rep) = socks_request(proxy.socks5_addr(), &domain_connect(1, "gone.test", 80));
     assert_eq!(rep, Some(4), "no address");
 }
+
+#[test]
+fn socks_allowed_name_resolves_once_and_relays() {
+    let origin = http_echo("127.0.0.2");
+    let dns = DnsServer::start();
+    dns.set(
+        "svc.test",
+        &[std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2))],
+    );
+    let cfg = format!(
+        "[network]\nallow_local_binding = true\ndns_servers = [\"{}\"]\n",
+        dns.addr_string()
+    );
+    let proxy = ProxyProcess::start(&["--allow", "svc.test"], Some(&cfg));
+    let r = curl(&[
+        "--socks5-hostname",
+        proxy.socks5_addr(),
+        &format!("http://svc.test:{}/named", origin.port()),
+    ]);
+    assert_eq!(r.exit_code, 0, "{}", r.stderr);
+    assert_eq!(r.json()["path"], "/named");
+    assert_eq!(dns.query_count_type("svc.test", 1), 1);
+    // Denied by name: no lookup at all.
+    let (_s, rep) = socks_request(proxy.socks5_addr(), &domain_connect(1, "other.test", 80));
+    assert_eq!(rep, Some(2));
+    assert_eq!(dns.query_count("other.test"), 0);
+}
+
+#[test]
+fn socks_greeting_without_methods_is_refused() {
+    let proxy = ProxyProcess::start(&[], None);
+    let mut s = connect(proxy.socks5_addr());
+    s.write_all(&[5, 0]).unwrap();
+    let mut g = [0u8; 2];
+    s.read_exact(&mut g).unwrap();
+    assert_eq!(g, [5, 0xff]);
+    let mut s = connect(proxy.socks5_addr());
+    s.write_all(&[5, 1, 2]).unwrap();
+    s.read_exact(&mut g).unwrap();
+    assert_eq!(
+        g,
+        [5, 0xff],
+        "only user/pass offered without auth configured"
+    );
+}
