@@ -131,6 +131,12 @@ fn assert_400(proxy: &ProxyProcess, req: &[u8], what: &str) -> String {
     let r = raw_request(&proxy.http, req).unwrap_or_else(|| panic!("{what}: no response"));
     assert_eq!(r.status, 400, "{what}: {}", r.text());
     assert_eq!(r.header("x-portcullis-decision-id"), None, "{what}");
+    assert_eq!(r.header("x-proxy-error"), Some("invalid-request"), "{what}");
+    assert!(
+        r.text().starts_with("invalid-request: ") && r.text().ends_with('\n'),
+        "{what}: body {:?}",
+        r.text()
+    );
     r.text()
 }
 
@@ -530,4 +536,31 @@ fn ipv6_loopback_origin_with_exact_entry() {
         r.text().contains("\"host\":\"::1\""),
         "IPv6 host without brackets"
     );
+}
+
+#[test]
+fn host_default_port_ok() {
+    let proxy = ProxyProcess::start(&[], None);
+    // Target with the scheme's default port, Host without a port: passes the Host check and
+    // reaches policy (403 not_allowed), not 400.
+    let r = raw_request(
+        &proxy.http,
+        b"GET http://other.test:80/ HTTP/1.1\r\nHost: other.test\r\n\r\n",
+    )
+    .expect("response");
+    assert_eq!(r.status, 403, "{}", r.text());
+    let r = raw_request(
+        &proxy.http,
+        b"GET http://other.test/ HTTP/1.1\r\nHost: other.test:80\r\n\r\n",
+    )
+    .expect("response");
+    assert_eq!(r.status, 403, "{}", r.text());
+}
+
+#[test]
+fn http10_without_host_is_accepted() {
+    let (_origin, proxy, allow) = echo_proxy();
+    let req = format!("GET http://{allow}/old HTTP/1.0\r\n\r\n");
+    let r = raw_request(&proxy.http, req.as_bytes()).expect("response");
+    assert_eq!(r.status, 200, "{}", r.text());
 }
