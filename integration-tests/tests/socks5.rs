@@ -166,3 +166,28 @@ fn socks_greeting_without_methods_is_refused() {
         "only user/pass offered without auth configured"
     );
 }
+
+#[test]
+fn socks_tunnel_64mib_sha256_with_half_close() {
+    let sink = portcullis_integration_tests::origin::tcp_sink("127.0.0.1");
+    let allow = format!("127.0.0.1:{}", sink.port());
+    let proxy = ProxyProcess::start(&["--allow", &allow], None);
+    let mut req = vec![5, 1, 0, 1, 127, 0, 0, 1];
+    req.extend_from_slice(&sink.port().to_be_bytes());
+    let (mut s, rep) = socks_request(proxy.socks5_addr(), &req);
+    assert_eq!(rep, Some(0));
+    let data: Vec<u8> = (0..64usize << 20)
+        .map(|i| (i * 31 + i / 8192) as u8)
+        .collect();
+    let want = portcullis_integration_tests::origin::sha256_hex(&data);
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        for chunk in data.chunks(1 << 20) {
+            w.write_all(chunk).unwrap();
+        }
+        portcullis_integration_tests::raw::shutdown_write(&w);
+    });
+    let got = portcullis_integration_tests::raw::read_to_eof(&mut s);
+    writer.join().unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), want);
+}
