@@ -36,6 +36,7 @@ pub struct Origin {
     /// Listening address.
     pub addr: SocketAddr,
     connections: Arc<AtomicUsize>,
+    closed: Arc<AtomicUsize>,
     requests: Arc<Mutex<Vec<serde_json::Value>>>,
     task: JoinHandle<()>,
 }
@@ -48,6 +49,10 @@ impl Origin {
     /// TCP connections accepted so far.
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
+    }
+    /// Connections whose handler has finished (closed or aborted).
+    pub fn closed(&self) -> usize {
+        self.closed.load(Ordering::SeqCst)
     }
     /// Requests recorded so far (echo origin: the JSON it answered).
     pub fn requests(&self) -> Vec<serde_json::Value> {
@@ -80,19 +85,26 @@ fn try_spawn(ip: &str, port: u16, handler: Handler) -> std::io::Result<Origin> {
     let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
     let requests = Arc::new(Mutex::new(Vec::new()));
-    let (c, r) = (connections.clone(), requests.clone());
+    let closed = Arc::new(AtomicUsize::new(0));
+    let (c, r, d) = (connections.clone(), requests.clone(), closed.clone());
     let task = rt.spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
             c.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(handler(stream, r.clone()));
+            let fut = handler(stream, r.clone());
+            let d = d.clone();
+            tokio::spawn(async move {
+                fut.await;
+                d.fetch_add(1, Ordering::SeqCst);
+            });
         }
     });
     Ok(Origin {
         addr,
         connections,
+        closed,
         requests,
         task,
     })
@@ -308,13 +320,24 @@ pub fn http_echo_at(ip: &str, port: u16) -> std::io::Result<Origin> {
 
 /// Origin that answers every request with `status`, the given extra headers and `body`.
 pub fn fixed_response(ip: &str, status: u16, headers: &[(&str, &str)], body: &str) -> Origin {
+    fixed_response_bytes(ip, status, headers, body.as_bytes())
+}
+
+/// [`fixed_response`] with a binary body.
+pub fn fixed_response_bytes(
+    ip: &str,
+    status: u16,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Origin {
     let mut head = format!("HTTP/1.1 {status} X\r\ncontent-length: {}\r\n", body.len());
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
-    head.push_str(body);
-    let resp = Arc::new(head.into_bytes());
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(body);
+    let resp = Arc::new(bytes);
     spawn(
         ip,
         Arc::new(move |mut s, _log| {
@@ -513,4 +536,26 @@ pub fn blackhole() -> Blackhole {
         port,
         _fillers: fillers,
     }
+}
+
+/// Origin that answers every request with a `content-length: 1048576` head, sends only 64 KiB of
+/// the body and then closes the connection.
+pub fn truncated_response(ip: &str) -> Origin {
+    spawn(
+        ip,
+        Arc::new(|mut s, _log| {
+            Box::pin(async move {
+                let Some((head, more)) = read_head(&mut s).await else {
+                    return;
+                };
+                if read_body(&mut s, &head, more).await.is_none() {
+                    return;
+                }
+                let mut out = b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n".to_vec();
+                out.extend_from_slice(&[b'z'; 65536]);
+                let _ = s.write_all(&out).await;
+                let _ = s.shutdown().await;
+            })
+        }),
+    )
 }

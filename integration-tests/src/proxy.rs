@@ -128,7 +128,6 @@ impl ProxyProcess {
     /// Starts the proxy with `args` (listeners default to `127.0.0.1:0` unless given) and an
     /// optional TOML config, and waits up to 20 s for the ready line.
     pub fn start(args: &[&str], config_toml: Option<&str>) -> ProxyProcess {
-        let config = write_config(config_toml);
         let mut full: Vec<&str> = Vec::new();
         for flag in ["--http", "--admin", "--socks5"] {
             if !args.contains(&flag) {
@@ -137,7 +136,14 @@ impl ProxyProcess {
             }
         }
         full.extend_from_slice(args);
-        let mut child = command(&full, config.as_ref())
+        Self::start_exact(&full, config_toml)
+    }
+
+    /// As [`ProxyProcess::start`], but passes exactly `args` (no default listener flags).
+    pub fn start_exact(args: &[&str], config_toml: Option<&str>) -> ProxyProcess {
+        let config = write_config(config_toml);
+        let full = args;
+        let mut child = command(full, config.as_ref())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -175,7 +181,7 @@ impl ProxyProcess {
                 let _ = child.wait();
                 thread::sleep(Duration::from_millis(100));
                 panic!(
-                    "proxy printed no ready line within 20 s; stderr:\n{}",
+                    "proxy exited or printed no ready line within 20 s; stderr:\n{}",
                     stderr.lock().unwrap()
                 );
             }
@@ -201,6 +207,11 @@ impl ProxyProcess {
     /// `http://ADDR` of the HTTP listener, for `curl -x`.
     pub fn http_url(&self) -> String {
         format!("http://{}", self.http)
+    }
+
+    /// Path of the temporary config file, when one was given (rewrite it, then `POST /reload`).
+    pub fn config_path(&self) -> Option<&std::path::Path> {
+        self._config.as_ref().map(|f| f.path())
     }
 
     /// Admin address; panics when the admin listener is disabled.

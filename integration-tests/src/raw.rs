@@ -72,15 +72,14 @@ pub fn read_response_opts(s: &mut TcpStream, head_only: bool) -> Option<RawRespo
         headers,
         body: Vec::new(),
     };
-    if !head_only {
-        if let Some(len) = resp
+    if !head_only
+        && let Some(len) = resp
             .header("content-length")
             .and_then(|v| v.parse::<usize>().ok())
-        {
-            let mut body = vec![0u8; len];
-            s.read_exact(&mut body).ok()?;
-            resp.body = body;
-        }
+    {
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).ok()?;
+        resp.body = body;
     }
     Some(resp)
 }

@@ -185,3 +185,19 @@ fn connect_blackhole_is_504() {
     assert_eq!(r.status, 504);
     assert_eq!(r.header("x-proxy-error"), Some("upstream-timeout"));
 }
+
+#[test]
+fn connect_host_mismatch_is_400() {
+    let echo = tcp_echo("127.0.0.1");
+    let allow = format!("127.0.0.1:{}", echo.port());
+    let proxy = ProxyProcess::start(&["--allow", &allow], None);
+    let req = format!("CONNECT {allow} HTTP/1.1\r\nHost: other.test\r\n\r\n");
+    let r =
+        portcullis_integration_tests::raw_request(&proxy.http, req.as_bytes()).expect("response");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.header("x-proxy-error"), Some("invalid-request"));
+    let req = b"CONNECT user@allowed.test:443 HTTP/1.1\r\n\r\n";
+    let r = portcullis_integration_tests::raw_request(&proxy.http, req).expect("response");
+    assert_eq!(r.status, 400, "userinfo in CONNECT: {}", r.text());
+    assert_eq!(echo.connections(), 0);
+}

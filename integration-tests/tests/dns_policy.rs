@@ -211,3 +211,36 @@ fn always_refused_addresses_and_own_listeners() {
         }
     }
 }
+
+#[test]
+fn local_names_and_literals_with_empty_allowlist() {
+    let dns = DnsServer::start();
+    let proxy = ProxyProcess::start(&[], Some(&config(&dns, "", "")));
+    for authority in [
+        "localhost:80",
+        "127.0.0.1:80",
+        "[::1]:80",
+        "10.0.0.1:80",
+        "169.254.169.254:80",
+        "foo.localhost:80",
+    ] {
+        let r = get(&proxy, authority);
+        assert_eq!(r.status, 403, "{authority}");
+        assert_eq!(line1(&r)["reason"], "not_allowed_local", "{authority}");
+    }
+    assert_eq!(dns.total_queries(), 0, "localhost names never reach DNS");
+}
+
+#[test]
+fn exact_localhost_entry_opens_only_that_name() {
+    let origin = http_echo("127.0.0.1");
+    let port = origin.port();
+    let entry = format!("localhost:{port}");
+    let proxy = ProxyProcess::start(&["--allow", &entry], None);
+    let r = get(&proxy, &entry);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = get(&proxy, &format!("127.0.0.1:{port}"));
+    assert_eq!(r.status, 403);
+    assert_eq!(line1(&r)["reason"], "not_allowed_local");
+    assert_eq!(origin.requests().len(), 1);
+}
