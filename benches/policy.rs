@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use portcullis::decision::Protocol;
-use portcullis::policy::{CompiledPolicy, Host, NameStage, PolicySpec, RequestContext, normalize_host};
+use portcullis::policy::{
+    CompiledPolicy, Host, NameStage, PolicySpec, RequestContext, normalize_host,
+};
 
 /// `n` entries: 45% exact names, 45% suffixes, up to 10% globs (≤ 10 000), and CIDRs.
 fn entries(n: usize) -> Vec<String> {
@@ -17,7 +19,12 @@ fn entries(n: usize) -> Vec<String> {
             0..=8 => format!("host{i}.example{}.com", i % 97),
             9..=17 => format!("*.zone{i}.example{}.org", i % 89),
             18 if i / 20 < 10_000 => format!("api-{i}*.glob{}.net", i % 50),
-            _ => format!("{}.{}.{}.0/24", 20 + (i >> 16) % 200, (i >> 8) % 256, i % 256),
+            _ => format!(
+                "{}.{}.{}.0/24",
+                20 + (i >> 16) % 200,
+                (i >> 8) % 256,
+                i % 256
+            ),
         });
     }
     // The targets the bench looks up, present at every size.

@@ -113,6 +113,14 @@ impl App {
         let bound = self.shared.bound();
         let mut value = rt.config.to_json();
         if let serde_json::Value::Object(map) = &mut value {
+            if let Some(serde_json::Value::Object(network)) = map.get_mut("network") {
+                // Lists as enforced: normalised and de-duplicated.
+                network.insert(
+                    "allowed_domains".into(),
+                    rt.policy.allowed_patterns().into(),
+                );
+                network.insert("denied_domains".into(), rt.policy.denied_patterns().into());
+            }
             if let Some(serde_json::Value::Object(control)) = map.get_mut("control") {
                 // Standalone until the attach stream exists.
                 control.insert("attached".into(), serde_json::Value::Bool(false));

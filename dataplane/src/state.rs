@@ -87,6 +87,8 @@ pub struct Shared {
     upstream_proxies: crate::upstream_proxy::UpstreamProxies,
     shutdown: watch::Receiver<bool>,
     version: std::sync::atomic::AtomicU64,
+    /// Bumped whenever the mode turns limited: tunnels opened under full mode close.
+    limited_epoch: watch::Sender<u64>,
     socks_credentials: Option<crate::socks5::auth::Credentials>,
     udp_associations: Arc<tokio::sync::Semaphore>,
 }
@@ -117,6 +119,7 @@ impl Shared {
             tls: Arc::new(tls),
             shutdown,
             version: std::sync::atomic::AtomicU64::new(1),
+            limited_epoch: watch::Sender::new(0),
             socks_credentials,
         }
     }
@@ -128,7 +131,12 @@ impl Shared {
 
     /// Swaps in a new runtime atomically.
     pub fn swap_runtime(&self, r: Runtime) {
+        let turned_limited = r.policy.limited() && !self.runtime.load().policy.limited();
         self.runtime.store(Arc::new(r));
+        if turned_limited {
+            // `http.md` §8 rule 4: raw tunnels and upgraded streams allowed under full mode end.
+            self.limited_epoch.send_modify(|e| *e += 1);
+        }
         self.version
             .fetch_add(1, std::sync::atomic::Ordering::Release);
     }
@@ -199,6 +207,11 @@ impl Shared {
     /// TLS client for `https://` origins.
     pub fn tls_connector(&self) -> Arc<tokio_rustls::TlsConnector> {
         self.tls.clone()
+    }
+
+    /// A receiver that changes when the mode turns limited.
+    pub fn limited_signal(&self) -> watch::Receiver<u64> {
+        self.limited_epoch.subscribe()
     }
 
     /// A handle that resolves once shutdown starts.

@@ -38,6 +38,7 @@ where
         protocol,
     });
     let mut shutdown = shared.shutdown_signal();
+    let mut limited = shared.limited_signal();
     let relay = tunnel::relay(client, upstream, settings.tunnel_idle_timeout, sink);
     tokio::pin!(relay);
     tokio::select! {
@@ -45,6 +46,9 @@ where
             if let Err(e) = result {
                 tracing::debug!(?protocol, error = %e, up = moved.upstream, down = moved.downstream, "tunnel closed");
             }
+        }
+        _ = limited.changed() => {
+            tracing::debug!(?protocol, "tunnel closed: the proxy switched to limited mode");
         }
         _ = async {
             shutdown.wait().await;

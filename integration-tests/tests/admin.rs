@@ -22,7 +22,6 @@ fn admin_health() {
 }
 
 #[test]
-#[ignore = "proxy bug: GET /config shows allowed_domains as given (Example.TEST), not normalised"]
 fn admin_config_shows_listeners_and_lists() {
     let proxy = ProxyProcess::start(&["--allow", "Example.TEST", "--deny", "bad.test"], None);
     let r = admin_get(proxy.admin_addr(), "/config");

@@ -83,7 +83,6 @@ fn limited_mode_refuses_upgrade() {
 }
 
 #[test]
-#[ignore = "proxy bug: POST /mode limited swaps the runtime but leaves open raw CONNECT tunnels relaying"]
 fn switching_to_limited_closes_open_raw_tunnel() {
     let echo = tcp_echo("127.0.0.1");
     let allow = format!("127.0.0.1:{}", echo.port());

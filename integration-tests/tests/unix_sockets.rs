@@ -230,7 +230,7 @@ fn invalid_header_is_400_and_connect_with_header_is_400() {
     let s = sock.display().to_string();
     let cases: Vec<(String, &str)> = vec![
         (
-            format!("GET /x HTTP/1.1\r\nHost: localhost\r\nx-unix-socket: \r\n\r\n"),
+            "GET /x HTTP/1.1\r\nHost: localhost\r\nx-unix-socket: \r\n\r\n".to_string(),
             "empty",
         ),
         (

@@ -137,6 +137,7 @@ pub async fn run(
     let mut wrap = Vec::with_capacity(2048);
     let mut discard = [0u8; 512];
     let mut shutdown = shared.shutdown_signal();
+    let mut limited = shared.limited_signal();
     let deadline = tokio::time::sleep(idle);
     tokio::pin!(deadline);
 
@@ -217,6 +218,7 @@ pub async fn run(
             }
             _ = &mut deadline => break,
             _ = shutdown.wait() => break,
+            _ = limited.changed() => break,
         }
     }
 }
