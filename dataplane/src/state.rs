@@ -24,6 +24,8 @@ pub struct Settings {
     pub max_headers: usize,
     /// `limits.header_read_timeout_ms`.
     pub header_read_timeout: Duration,
+    /// `limits.client_idle_timeout_ms`.
+    pub client_idle_timeout: Duration,
     /// `limits.connect_timeout_ms`.
     pub connect_timeout: Duration,
     /// `limits.dns_timeout_ms`.
@@ -46,6 +48,7 @@ impl Settings {
             max_header_bytes: l.max_header_bytes as usize,
             max_headers: l.max_headers as usize,
             header_read_timeout: ms(l.header_read_timeout_ms),
+            client_idle_timeout: ms(l.client_idle_timeout_ms),
             connect_timeout: ms(l.connect_timeout_ms),
             dns_timeout: ms(l.dns_timeout_ms),
             response_header_timeout: opt(l.response_header_timeout_ms),

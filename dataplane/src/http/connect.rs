@@ -7,7 +7,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use portcullis::decision::{Protocol, ProxyError};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use super::ConnCtx;
 use super::respond::{self, Body, RenderOpts};
@@ -80,9 +79,9 @@ pub async fn handle(
                 return;
             }
         };
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
+        match upgraded.downcast::<TokioIo<super::timed_io::TimedIo>>() {
             Ok(parts) => {
-                let mut client = parts.io.into_inner();
+                let mut client = parts.io.into_inner().into_inner();
                 let mut upstream = upstream;
                 // Bytes the client sent right after the CONNECT head go first, in order.
                 if !parts.read_buf.is_empty() && upstream.write_all(&parts.read_buf).await.is_err()

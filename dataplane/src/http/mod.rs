@@ -5,6 +5,7 @@ mod forward;
 pub mod headers;
 pub mod respond;
 pub mod target;
+pub mod timed_io;
 mod upstream;
 
 use std::convert::Infallible;
@@ -59,21 +60,32 @@ pub async fn serve_connection(
         guard,
         upstream: tokio::sync::Mutex::new(None),
     });
+    let (io, activity) = timed_io::TimedIo::new(
+        stream,
+        settings.header_read_timeout,
+        settings.client_idle_timeout,
+    );
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(handle(ctx, req).await) }
+        let activity = activity.clone();
+        activity.started();
+        async move {
+            let resp = handle(ctx, req).await;
+            Ok::<_, Infallible>(resp.map(|b| timed_io::TrackedBody::new(b, activity)))
+        }
     });
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .keep_alive(true)
         .half_close(false)
-        .header_read_timeout(settings.header_read_timeout)
+        // The head and idle timers live in TimedIo (hyper's would close without a 408).
+        .header_read_timeout(None)
         .max_buf_size(settings.max_header_bytes.max(8192))
         .max_header_size(settings.max_header_bytes)
         .max_headers(settings.max_headers);
     let conn = builder
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     let mut shutdown = shared.shutdown_signal();
     tokio::pin!(conn);
