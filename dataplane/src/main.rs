@@ -142,7 +142,10 @@ async fn run(args: cli::Args) -> ExitCode {
         session_id: runtime.config.control.session_id.clone().into(),
     };
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let tls = policy_build::tls_connector(&runtime.config);
+    let tls = match policy_build::tls_connector(&runtime.config) {
+        Ok(t) => t,
+        Err(e) => return startup_failure(&e),
+    };
     let shared = Arc::new(state::Shared::new(
         runtime,
         reporter,

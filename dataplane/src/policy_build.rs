@@ -41,10 +41,28 @@ pub fn new_proxy_id() -> String {
     id
 }
 
-/// TLS client for `https://` origins: the webpki roots (plus configured extra CAs later).
-pub fn tls_connector(_config: &Config) -> tokio_rustls::TlsConnector {
+/// TLS client for `https://` origins: the webpki roots plus `mitm.extra_upstream_ca_files`.
+/// An unreadable or empty CA file is a startup failure naming the key and path.
+pub fn tls_connector(config: &Config) -> Result<tokio_rustls::TlsConnector, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for (i, path) in config.mitm.extra_upstream_ca_files.iter().enumerate() {
+        let key = format!("mitm.extra_upstream_ca_files[{i}]");
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{key}: invalid PEM in {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!("{key}: no certificate in {}", path.display()));
+        }
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| format!("{key}: unusable certificate in {}: {e}", path.display()))?;
+        }
+    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = match rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -55,7 +73,7 @@ pub fn tls_connector(_config: &Config) -> tokio_rustls::TlsConnector {
     };
     let mut cfg = builder.with_root_certificates(roots).with_no_client_auth();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
 }
 
 /// Reads a secret file: a regular file without group/other permission bits, non-empty.

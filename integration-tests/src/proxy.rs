@@ -86,7 +86,11 @@ fn write_config(config_toml: Option<&str>) -> Option<tempfile::NamedTempFile> {
     })
 }
 
-fn command(args: &[&str], config: Option<&tempfile::NamedTempFile>) -> Command {
+fn command(
+    args: &[&str],
+    config: Option<&tempfile::NamedTempFile>,
+    env: &[(&str, &str)],
+) -> Command {
     let mut cmd = Command::new(proxy_bin());
     if let Some(f) = config {
         cmd.arg("--config").arg(f.path());
@@ -104,6 +108,9 @@ fn command(args: &[&str], config: Option<&tempfile::NamedTempFile>) -> Command {
         "no_proxy",
     ] {
         cmd.env_remove(v);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
     }
     cmd
 }
@@ -141,9 +148,35 @@ impl ProxyProcess {
 
     /// As [`ProxyProcess::start`], but passes exactly `args` (no default listener flags).
     pub fn start_exact(args: &[&str], config_toml: Option<&str>) -> ProxyProcess {
+        Self::start_exact_env(args, config_toml, &[])
+    }
+
+    /// As [`ProxyProcess::start`], with extra environment variables (e.g. `HTTP_PROXY`).
+    pub fn start_env(
+        args: &[&str],
+        config_toml: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> ProxyProcess {
+        let mut full: Vec<&str> = Vec::new();
+        for flag in ["--http", "--admin", "--socks5"] {
+            if !args.contains(&flag) {
+                full.push(flag);
+                full.push("127.0.0.1:0");
+            }
+        }
+        full.extend_from_slice(args);
+        Self::start_exact_env(&full, config_toml, env)
+    }
+
+    /// As [`ProxyProcess::start_exact`], with extra environment variables.
+    pub fn start_exact_env(
+        args: &[&str],
+        config_toml: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> ProxyProcess {
         let config = write_config(config_toml);
         let full = args;
-        let mut child = command(full, config.as_ref())
+        let mut child = command(full, config.as_ref(), env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -295,7 +328,7 @@ impl Drop for ProxyProcess {
 /// Runs the proxy to completion (≤ 20 s) and returns (status, stdout, stderr).
 pub fn run_to_exit(args: &[&str], config_toml: Option<&str>) -> (ExitStatus, String, String) {
     let config = write_config(config_toml);
-    let mut child = command(args, config.as_ref())
+    let mut child = command(args, config.as_ref(), &[])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
