@@ -3,3 +3,4 @@
 pub mod config;
 pub mod decision;
 pub mod policy;
+pub mod proto;
