@@ -32,24 +32,39 @@ fn target_dir() -> PathBuf {
     }
 }
 
-/// Path to `portcullis-proxy`, building it once if it is missing.
-pub fn proxy_bin() -> PathBuf {
-    let bin = target_dir().join("debug").join("portcullis-proxy");
+/// Builds both binaries once per test process (a no-op when they are up to date), so a test
+/// never runs a stale binary left over from an earlier build.
+fn build_binaries() {
     BUILD.call_once(|| {
-        if !bin.exists() {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-            let status = Command::new(cargo)
-                .args(["build", "-p", "portcullis-dataplane"])
-                .current_dir(workspace_root())
-                .status()
-                .expect("run cargo build -p portcullis-dataplane");
-            assert!(
-                status.success(),
-                "cargo build -p portcullis-dataplane failed"
-            );
-        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "-p",
+                "portcullis-dataplane",
+                "-p",
+                "portcullis-control",
+            ])
+            .current_dir(workspace_root())
+            .status()
+            .expect("run cargo build for the binaries");
+        assert!(status.success(), "cargo build of the binaries failed");
     });
+}
+
+/// Path to `portcullis-proxy` (built first if needed).
+pub fn proxy_bin() -> PathBuf {
+    build_binaries();
+    let bin = target_dir().join("debug").join("portcullis-proxy");
     assert!(bin.exists(), "proxy binary missing at {}", bin.display());
+    bin
+}
+
+/// Path to `portcullis-control` (built first if needed).
+pub fn control_bin() -> PathBuf {
+    build_binaries();
+    let bin = target_dir().join("debug").join("portcullis-control");
+    assert!(bin.exists(), "control binary missing at {}", bin.display());
     bin
 }
 
