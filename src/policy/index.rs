@@ -29,6 +29,15 @@ impl Slot {
         }
     }
 
+    /// The entry for `port` and whether it is port-specific.
+    fn get_ranked(&self, port: u16) -> Option<(u32, bool)> {
+        self.ports
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map(|(_, i)| (*i, true))
+            .or(self.any.map(|i| (i, false)))
+    }
+
     fn get(&self, port: u16) -> Option<u32> {
         self.ports
             .iter()
@@ -176,13 +185,13 @@ impl PatternIndex {
         let mut glob_hit = None;
         for (dot, _) in name.match_indices('.') {
             let suffix = &name[dot + 1..];
-            if let Some(i) = self
-                .sub
-                .get(suffix)
-                .and_then(|s| s.get(port))
-                .or_else(|| self.apex.get(suffix).and_then(|s| s.get(port)))
-            {
-                return Some(i);
+            // `*.suffix` and `**.suffix` are equally specific here; a port-scoped one wins.
+            let sub = self.sub.get(suffix).and_then(|s| s.get_ranked(port));
+            let apex = self.apex.get(suffix).and_then(|s| s.get_ranked(port));
+            match (sub, apex) {
+                (Some((_, false)), Some((i, true))) => return Some(i),
+                (Some((i, _)), _) | (None, Some((i, _))) => return Some(i),
+                (None, None) => {}
             }
             if glob_hit.is_none()
                 && !self.globs.is_empty()
