@@ -5,6 +5,7 @@
 //! connections close when both directions are done, on any error, or after the idle timeout.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -12,10 +13,9 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// First copy buffer per direction: one page, so idle tunnels stay small.
-const INITIAL_BUF: usize = 4 * 1024;
-/// A direction that fills its buffer in one read is bulk traffic: it moves to this size.
-const BULK_BUF: usize = 64 * 1024;
+/// Largest read per step. Reads land in an uninitialised stack buffer, so an idle tunnel
+/// holds no copy buffer at all; only bytes a slow writer has not taken yet are kept on the heap.
+const READ_CHUNK: usize = 64 * 1024;
 
 /// Bytes moved by a finished tunnel.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -45,9 +45,10 @@ impl ByteSink for NoCount {
 }
 
 struct Direction {
-    buf: Box<[u8]>,
+    /// Bytes read but not yet written (empty, and unallocated, while the writer keeps up).
+    held: Vec<u8>,
+    /// How much of `held` was already written.
     start: usize,
-    end: usize,
     read_done: bool,
     shut_done: bool,
     total: u64,
@@ -56,9 +57,8 @@ struct Direction {
 impl Direction {
     fn new() -> Self {
         Direction {
-            buf: vec![0u8; INITIAL_BUF].into_boxed_slice(),
+            held: Vec::new(),
             start: 0,
-            end: 0,
             read_done: false,
             shut_done: false,
             total: 0,
@@ -87,24 +87,8 @@ impl Direction {
             if self.shut_done {
                 return Poll::Ready(Ok(()));
             }
-            if self.start == self.end && !self.read_done {
-                if self.end == self.buf.len() && self.buf.len() < BULK_BUF {
-                    // The last read filled the buffer: grow it before the next one.
-                    self.buf = vec![0u8; BULK_BUF].into_boxed_slice();
-                }
-                let mut rb = ReadBuf::new(&mut self.buf);
-                ready!(r.as_mut().poll_read(cx, &mut rb))?;
-                let n = rb.filled().len();
-                if n == 0 {
-                    self.read_done = true;
-                } else {
-                    self.start = 0;
-                    self.end = n;
-                    *progress = true;
-                }
-            }
-            while self.start < self.end {
-                let n = ready!(w.as_mut().poll_write(cx, &self.buf[self.start..self.end]))?;
+            while self.start < self.held.len() {
+                let n = ready!(w.as_mut().poll_write(cx, &self.held[self.start..]))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
@@ -113,11 +97,46 @@ impl Direction {
                 count(n as u64);
                 *progress = true;
             }
+            // Drained: keep the capacity while data flows (bulk), free it once the reader idles.
+            self.held.clear();
+            self.start = 0;
             if self.read_done {
                 ready!(w.as_mut().poll_flush(cx))?;
                 ready!(w.as_mut().poll_shutdown(cx))?;
                 self.shut_done = true;
                 return Poll::Ready(Ok(()));
+            }
+            let mut storage = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+            let mut rb = ReadBuf::uninit(&mut storage);
+            if r.as_mut().poll_read(cx, &mut rb)?.is_pending() {
+                if self.held.capacity() > 0 {
+                    self.held = Vec::new();
+                }
+                return Poll::Pending;
+            }
+            let data = rb.filled();
+            if data.is_empty() {
+                self.read_done = true;
+                continue;
+            }
+            *progress = true;
+            let mut off = 0;
+            while off < data.len() {
+                match w.as_mut().poll_write(cx, &data[off..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => {
+                        off += n;
+                        self.total += n as u64;
+                        count(n as u64);
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        // Keep the rest until the writer is ready again.
+                        self.held.extend_from_slice(&data[off..]);
+                        self.start = 0;
+                        return Poll::Pending;
+                    }
+                }
             }
         }
     }

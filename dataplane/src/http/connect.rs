@@ -84,10 +84,12 @@ pub async fn handle(
                 let mut client = parts.io.into_inner().into_inner();
                 let mut upstream = upstream;
                 // Bytes the client sent right after the CONNECT head go first, in order.
-                if !parts.read_buf.is_empty() && upstream.write_all(&parts.read_buf).await.is_err()
-                {
+                let early = parts.read_buf;
+                if !early.is_empty() && upstream.write_all(&early).await.is_err() {
                     return;
                 }
+                // The HTTP read buffer is not needed for the life of the tunnel.
+                drop(early);
                 crate::tunnel_run::run(&shared, Protocol::HttpsConnect, &mut client, &mut upstream)
                     .await;
             }
