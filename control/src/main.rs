@@ -1,6 +1,10 @@
 //! `portcullis-control`: the Portcullis control plane.
 
 mod cli;
+mod serve;
+mod service;
+mod state;
+mod token;
 
 use std::process::ExitCode;
 
@@ -15,8 +19,23 @@ fn main() -> ExitCode {
             return ExitCode::from(e.exit_code() as u8);
         }
     };
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let name = match cli.command {
-        cli::Command::Serve(_) => "serve",
+        cli::Command::Serve(args) => {
+            return match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt.block_on(serve::run(args)),
+                Err(e) => {
+                    eprintln!("cannot start the async runtime: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
         cli::Command::Exec(_) => "exec",
         cli::Command::Pending(_) => "pending",
         cli::Command::Approve(_) => "approve",

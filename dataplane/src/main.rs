@@ -3,6 +3,7 @@
 mod admin;
 mod app;
 mod cli;
+mod control_client;
 mod dial;
 mod http;
 mod listeners;
@@ -136,7 +137,24 @@ async fn run(args: cli::Args) -> ExitCode {
         _ => None,
     };
     let blocked_log_size = runtime.config.limits.blocked_log_size as usize;
-    let reporter = report::Reporter::new(blocked_log_size);
+    let attach = match control_client::AttachConfig::from_config(&runtime.config) {
+        Ok(a) => a,
+        Err(e) => return startup_failure(&e),
+    };
+    let mut reporter = report::Reporter::new(blocked_log_size);
+    let mut control_events = None;
+    if attach.is_some() {
+        tracing::warn!(
+            "attached to a control plane: local policy keys (lists, mode, allow_local_binding, unix sockets) and --allow/--deny/--mode are ignored; the snapshots decide"
+        );
+        let (tx, rx) = tokio::sync::mpsc::channel(runtime.config.control.event_buffer as usize);
+        reporter.add_sink(Box::new(report::ChannelSink::new(
+            report::Sink::Control,
+            tx,
+        )));
+        control_events = Some(rx);
+    }
+    let attach_timeout = std::time::Duration::from_secs(runtime.config.control.attach_timeout_secs);
     let origin = portcullis::decision::Origin {
         proxy_id: policy_build::new_proxy_id().into(),
         session_id: runtime.config.control.session_id.clone().into(),
@@ -201,6 +219,26 @@ async fn run(args: cli::Args) -> ExitCode {
         ));
     }
 
+    if let (Some(cfg), Some(events)) = (attach, control_events) {
+        let url = cfg.url.clone();
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(control_client::run(shared.clone(), cfg, events, first_tx));
+        // The ready line waits for the first snapshot (control.md §9).
+        match tokio::time::timeout(attach_timeout, first_rx).await {
+            Ok(Ok(Ok(()))) => tracing::info!(%url, "attached to the control plane"),
+            Ok(Ok(Err(cause))) => {
+                return startup_failure(&format!(
+                    "could not attach to control plane at {url}: {cause}"
+                ));
+            }
+            _ => {
+                return startup_failure(&format!(
+                    "could not attach to control plane at {url}: no policy snapshot within {} s",
+                    attach_timeout.as_secs()
+                ));
+            }
+        }
+    }
     // Signal handlers exist before anyone can learn our addresses from the ready line.
     let signals = match Signals::install() {
         Ok(s) => s,

@@ -1,0 +1,176 @@
+//! `portcullis-control serve`: load config and token, bind, serve both gRPC services, print
+//! the ready line, shut down on SIGINT/SIGTERM.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use portcullis::config::Config;
+use portcullis::proto::v1::control_server::ControlServer;
+use portcullis::proto::v1::data_plane_server::DataPlaneServer;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::cli::ServeArgs;
+use crate::service::Services;
+use crate::state::ControlState;
+use crate::token;
+
+/// Largest decoded message: a snapshot with 100 000 patterns must fit (control.md §1.9).
+const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+
+/// Runs `serve` to completion.
+pub async fn run(args: ServeArgs) -> ExitCode {
+    let config = match &args.policy.config {
+        Some(p) => Config::load(p),
+        None => Config::embedded(),
+    };
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let listen = match &args.listen {
+        None => config.control.listen,
+        Some(text) => match text.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                eprintln!("usage error: --listen: expected IP:PORT");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let listen = clamp(listen, config.control.dangerously_allow_non_loopback);
+    let token_path = match args
+        .token_file
+        .clone()
+        .map(Ok)
+        .unwrap_or_else(|| config.control_token_file())
+    {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let token = match token::load_or_create(&token_path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("startup error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let state = match ControlState::new(&config, instance_id()) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("startup error: control.listen: cannot bind {listen}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let bound = listener.local_addr().unwrap_or(listen);
+    let services = Services { state };
+    let auth = move |req: tonic::Request<()>| {
+        let header = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        match token::check(header, &token) {
+            Ok(()) => Ok(req),
+            Err(msg) => Err(tonic::Status::unauthenticated(msg)),
+        }
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            ControlServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE),
+            auth.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            DataPlaneServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE),
+            auth,
+        ))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = rx.await;
+        });
+    let signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("startup error: cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    println!("{{\"event\":\"ready\",\"component\":\"control\",\"grpc\":\"{bound}\"}}");
+    tracing::info!(grpc = %bound, "portcullis-control ready");
+    let serving = tokio::spawn(server);
+    signals.wait().await;
+    tracing::info!("shutting down");
+    let _ = tx.send(());
+    // Open Attach streams are ended with the server; do not wait for clients longer than 1 s.
+    let _ = tokio::time::timeout(Duration::from_secs(1), serving).await;
+    ExitCode::SUCCESS
+}
+
+/// A non-loopback listen address becomes loopback unless the dangerous key says otherwise.
+fn clamp(addr: SocketAddr, dangerous: bool) -> SocketAddr {
+    if addr.ip().is_loopback() {
+        return addr;
+    }
+    if dangerous {
+        tracing::warn!("DANGEROUS: control API listening on non-loopback {addr}");
+        return addr;
+    }
+    let ip = match addr.ip() {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+    };
+    let clamped = SocketAddr::new(ip, addr.port());
+    tracing::warn!(
+        "control.listen: non-loopback address; binding {clamped} (set control.dangerously_allow_non_loopback to keep it)"
+    );
+    clamped
+}
+
+fn instance_id() -> String {
+    let a = uuid_hex();
+    a.chars().take(32).collect()
+}
+
+fn uuid_hex() -> String {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! The data plane's side of `DataPlane.Attach` (control.md §6, §9): Hello, apply each
+//! PolicySnapshot with one atomic swap and ack it, stream Decisions, reconnect with jittered
+//! backoff while keeping the last snapshot.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use portcullis::config::{Config, ControlEndpoint, Mode};
+use portcullis::decision::{Decision, Protocol, Verdict};
+use portcullis::policy::{AskMode, CompiledPolicy, PolicySpec};
+use portcullis::proto::v1;
+use portcullis::proto::v1::data_plane_client::DataPlaneClient;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::state::{Runtime, Settings, Shared};
+
+/// How the proxy reaches its control plane.
+pub struct AttachConfig {
+    /// `http://HOST:PORT`.
+    pub url: String,
+    /// Bearer token file (re-read on every attempt: rotation needs no restart).
+    pub token_file: std::path::PathBuf,
+    /// First reconnect delay.
+    pub initial: Duration,
+    /// Delay cap.
+    pub max: Duration,
+}
+
+impl AttachConfig {
+    /// From the validated config; `None` when standalone.
+    pub fn from_config(c: &Config) -> Result<Option<AttachConfig>, String> {
+        let Some(endpoint) = &c.control.endpoint else {
+            return Ok(None);
+        };
+        let url = match endpoint {
+            ControlEndpoint::Http { .. } => endpoint.to_string(),
+            ControlEndpoint::Unix(_) => {
+                return Err(format!(
+                    "control.endpoint: {endpoint}: unix-socket endpoints are not supported by this proxy yet"
+                ));
+            }
+        };
+        let token_file = c.control_token_file().map_err(|e| e.to_string())?;
+        Ok(Some(AttachConfig {
+            url,
+            token_file,
+            initial: Duration::from_millis(c.control.reconnect_initial_ms),
+            max: Duration::from_millis(c.control.reconnect_max_ms),
+        }))
+    }
+}
+
+/// Which Decisions go to the control plane (control.md §6 rule 5).
+fn reportable(d: &Decision, report_allows: bool) -> bool {
+    d.decision != Verdict::Allow || d.override_ || report_allows
+}
+
+/// Runs the attach loop forever; `first` fires once the first snapshot was applied (or with
+/// the first error, so startup can fail with a clear cause).
+pub async fn run(
+    shared: Arc<Shared>,
+    cfg: AttachConfig,
+    mut decisions: mpsc::Receiver<Arc<Decision>>,
+    first: oneshot::Sender<Result<(), String>>,
+) {
+    let mut first = Some(first);
+    let report_allows = Arc::new(AtomicBool::new(false));
+    let mut attempt: u32 = 0;
+    loop {
+        let result = session(
+            &shared,
+            &cfg,
+            &mut decisions,
+            &mut first,
+            &report_allows,
+            &mut attempt,
+        )
+        .await;
+        shared.metrics().set_control_connected(false);
+        match result {
+            Err(e) => {
+                if let Some(tx) = first.take() {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+                tracing::warn!("control plane stream lost: {e}; keeping the last snapshot");
+            }
+            Ok(()) => tracing::warn!("control plane ended the stream; keeping the last snapshot"),
+        }
+        let delay = backoff(cfg.initial, cfg.max, attempt);
+        attempt = attempt.saturating_add(1);
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// `min(max, initial · 2^n)` × uniform [0.5, 1.0].
+fn backoff(initial: Duration, max: Duration, n: u32) -> Duration {
+    let base = initial.saturating_mul(1u32 << n.min(20)).min(max);
+    let jitter = 0.5 + (uuid::Uuid::now_v7().as_u128() & 0xffff) as f64 / 131070.0;
+    base.mul_f64(jitter)
+}
+
+async fn session(
+    shared: &Arc<Shared>,
+    cfg: &AttachConfig,
+    decisions: &mut mpsc::Receiver<Arc<Decision>>,
+    first: &mut Option<oneshot::Sender<Result<(), String>>>,
+    report_allows: &AtomicBool,
+    attempt: &mut u32,
+) -> Result<(), String> {
+    let token = crate::policy_build::read_secret_file("control.token_file", &cfg.token_file)?;
+    let auth: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| "control.token_file: the token is not a valid header value".to_string())?;
+    let channel = tonic::transport::Endpoint::from_shared(cfg.url.clone())
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    let mut client =
+        DataPlaneClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", auth.clone());
+            Ok(req)
+        })
+        .max_decoding_message_size(16 * 1024 * 1024);
+    let (tx, rx) = mpsc::channel::<v1::ProxyMessage>(256);
+    let bound = shared.bound();
+    let hello = v1::Hello {
+        protocol_version: 1,
+        proxy_id: shared.origin().proxy_id.to_string(),
+        session_id: shared.origin().session_id.to_string(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        http_addr: bound.http.map(|a| a.to_string()).unwrap_or_default(),
+        socks5_addr: bound.socks5.map(|a| a.to_string()).unwrap_or_default(),
+        admin_addr: bound.admin.map(|a| a.to_string()).unwrap_or_default(),
+        pid: std::process::id(),
+    };
+    tx.send(v1::ProxyMessage {
+        msg: Some(v1::proxy_message::Msg::Hello(hello)),
+    })
+    .await
+    .map_err(|_| "stream closed".to_string())?;
+    let mut inbound = client
+        .attach(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+        .into_inner();
+    let mut last_version = 0u64;
+    let mut instance = String::new();
+    loop {
+        tokio::select! {
+            msg = inbound.message() => {
+                let msg = match msg {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return Ok(()),
+                    Err(s) => return Err(format!("{}: {}", s.code(), s.message())),
+                };
+                let Some(v1::control_message::Msg::Snapshot(snap)) = msg.msg else {
+                    // Ask answers come with asks, which this proxy does not raise yet.
+                    continue;
+                };
+                if snap.control_instance_id == instance && snap.version <= last_version {
+                    return Err(format!("snapshot version {} does not increase", snap.version));
+                }
+                let (applied, error) = match apply(shared, &snap) {
+                    Ok(()) => (true, String::new()),
+                    Err(e) => {
+                        tracing::error!("cannot apply policy snapshot {}: {e}", snap.version);
+                        (false, e)
+                    }
+                };
+                instance.clone_from(&snap.control_instance_id);
+                last_version = snap.version;
+                report_allows.store(snap.report_allows, Ordering::Relaxed);
+                let ack = v1::SnapshotAck {
+                    control_instance_id: snap.control_instance_id.clone(),
+                    version: snap.version,
+                    applied,
+                    error,
+                };
+                tx.send(v1::ProxyMessage { msg: Some(v1::proxy_message::Msg::SnapshotAck(ack)) })
+                    .await
+                    .map_err(|_| "stream closed".to_string())?;
+                if applied {
+                    *attempt = 0;
+                    shared.metrics().set_control_connected(true);
+                    shared.metrics().set_policy_version(snap.version);
+                    if let Some(f) = first.take() {
+                        let _ = f.send(Ok(()));
+                    }
+                }
+            }
+            d = decisions.recv() => {
+                let Some(d) = d else { return Ok(()) };
+                if reportable(&d, report_allows.load(Ordering::Relaxed)) {
+                    let msg = v1::ProxyMessage { msg: Some(v1::proxy_message::Msg::Decision(v1::Decision::from(&*d))) };
+                    tx.send(msg).await.map_err(|_| "stream closed".to_string())?;
+                }
+            }
+        }
+    }
+}
+
+/// Compiles a snapshot off the request path and swaps it in with one atomic store.
+fn apply(shared: &Shared, snap: &v1::PolicySnapshot) -> Result<(), String> {
+    let current = shared.runtime();
+    let mut config = current.config.clone();
+    let n = &mut config.network;
+    n.mode = match snap.mode.as_str() {
+        "full" => Mode::Full,
+        "limited" => Mode::Limited,
+        other => return Err(format!("mode: invalid value {other:?}")),
+    };
+    n.allow_local_binding = snap.allow_local_binding;
+    n.allow_upstream_proxy &= snap.allow_upstream_proxy;
+    n.dangerously_allow_all_unix_sockets = snap.dangerously_allow_all_unix_sockets;
+    let unix_allowed =
+        snap.dangerously_allow_all_unix_sockets || !snap.allow_unix_sockets.is_empty();
+    if unix_allowed && shared.bound().all().any(|a| !a.ip().is_loopback()) {
+        return Err("the snapshot allows unix sockets while a listener is not loopback".into());
+    }
+    let mut allowed = snap.allowed_domains.clone();
+    let mut denied = snap.denied_domains.clone();
+    for r in &snap.port_rules {
+        let host = if r.host.contains(':') {
+            format!("[{}]", r.host)
+        } else {
+            r.host.clone()
+        };
+        let entry = format!("{host}:{}", r.port);
+        match r.decision.as_str() {
+            "allow" => allowed.push(entry),
+            "deny" => denied.push(entry),
+            other => return Err(format!("port_rules: invalid decision {other:?}")),
+        }
+    }
+    let mut session_allows = Vec::with_capacity(snap.session_allows.len());
+    for s in &snap.session_allows {
+        let protocol = Protocol::parse(&s.protocol)
+            .ok_or_else(|| format!("session_allows: invalid protocol {:?}", s.protocol))?;
+        let port = u16::try_from(s.port).map_err(|_| "session_allows: invalid port".to_string())?;
+        session_allows.push((s.host.clone(), protocol, port));
+    }
+    if snap.asks_enabled {
+        tracing::warn!(
+            "the control plane enables asks, which this proxy does not raise yet: misses are denied"
+        );
+    }
+    let spec = PolicySpec {
+        enabled: n.enabled,
+        limited: n.mode == Mode::Limited,
+        mitm: n.mitm,
+        allow_local_binding: n.allow_local_binding,
+        allowed,
+        denied,
+        session_allows,
+        asks: AskMode::Disabled,
+    };
+    let policy =
+        CompiledPolicy::compile(&spec).map_err(|(list, i, e)| format!("{list:?}[{i}]: {e}"))?;
+    let unix = crate::unix_socket::UnixPolicy {
+        allow_all: snap.dangerously_allow_all_unix_sockets,
+        allow: snap.allow_unix_sockets.iter().map(Into::into).collect(),
+        deny: snap.denied_unix_sockets.iter().map(Into::into).collect(),
+    };
+    let resolver = crate::resolve::Resolver::new(&config.network.dns_servers);
+    shared.swap_runtime(Runtime {
+        settings: Settings::from_config(&config),
+        policy,
+        resolver,
+        unix,
+        config,
+    });
+    Ok(())
+}

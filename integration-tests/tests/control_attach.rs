@@ -1,0 +1,237 @@
+//! control.md §1 and §6 with the real binaries: `portcullis-control serve` (token, auth, ready
+//! line) and a `portcullis-proxy --control` that applies the snapshot and reports Decisions.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use portcullis::proto::v1;
+use portcullis::proto::v1::control_client::ControlClient;
+use portcullis_integration_tests::origin::{http_echo, runtime};
+use portcullis_integration_tests::proxy::control_bin;
+use portcullis_integration_tests::{ProxyProcess, curl, run_to_exit};
+
+struct Control {
+    child: Child,
+    grpc: String,
+    token: String,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_control(config: &str) -> Control {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("control.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let token_file = dir.path().join("control.token");
+    let mut child = Command::new(control_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&cfg)
+        .arg("--token-file")
+        .arg(&token_file)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn portcullis-control");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(l)) = lines.next() {
+            let _ = tx.send(l);
+        }
+        for _ in lines {}
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("control ready line");
+    let ready: serde_json::Value = serde_json::from_str(&line).expect("ready line JSON");
+    assert_eq!(ready["component"], "control");
+    let grpc = ready["grpc"].as_str().unwrap().to_string();
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(token.len(), 64, "a fresh 64-hex token is created");
+    let mode = std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(&token_file).unwrap());
+    assert_eq!(mode & 0o777, 0o600);
+    Control {
+        child,
+        grpc,
+        token,
+        dir,
+    }
+}
+
+async fn client(
+    c: &Control,
+    token: Option<&str>,
+) -> ControlClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        impl tonic::service::Interceptor,
+    >,
+> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", c.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to control");
+    let value = token.map(|t| {
+        format!("Bearer {t}")
+            .parse::<tonic::metadata::MetadataValue<_>>()
+            .unwrap()
+    });
+    ControlClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+        if let Some(v) = &value {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    })
+}
+
+#[test]
+fn attached_proxy_enforces_the_snapshot_and_reports_decisions() {
+    let origin = http_echo("127.0.0.1");
+    let allow = format!("127.0.0.1:{}", origin.port());
+    let control = start_control(&format!("[network]\nallowed_domains = [\"{allow}\"]\n"));
+    let token_file = control.dir.path().join("control.token");
+    let endpoint = format!("http://{}", control.grpc);
+    // The local --allow is ignored: the snapshot decides.
+    let proxy = ProxyProcess::start(
+        &[
+            "--control",
+            &endpoint,
+            "--control-token-file",
+            token_file.to_str().unwrap(),
+            "--allow",
+            "local-only.test",
+        ],
+        None,
+    );
+    assert!(proxy.stderr_text().contains("attached to a control plane"));
+    let rt = runtime();
+    let token = control.token.clone();
+    let mut watch = rt.block_on(async {
+        let mut c = client(&control, Some(&token)).await;
+        c.watch_decisions(v1::WatchDecisionsRequest::default())
+            .await
+            .expect("WatchDecisions")
+            .into_inner()
+    });
+    let px = proxy.http_url();
+    assert_eq!(curl(&["-x", &px, &format!("http://{allow}/")]).status, 200);
+    let blocked = curl(&["-x", &px, "http://local-only.test/"]);
+    assert_eq!(blocked.status, 403);
+    let id = blocked
+        .header("x-portcullis-decision-id")
+        .unwrap()
+        .to_string();
+    let event = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(10), watch.message()).await })
+        .expect("a Decision event in time")
+        .expect("stream ok")
+        .expect("an event");
+    let Some(v1::decision_event::Event::Decision(d)) = event.event else {
+        panic!("expected a Decision, got {event:?}")
+    };
+    assert_eq!(d.id, id, "the same Decision id on every surface");
+    assert_eq!(
+        (d.decision.as_str(), d.reason.as_str()),
+        ("deny", "not_allowed")
+    );
+    assert_eq!(d.session_id, "default");
+    assert!(d.proxy_id.starts_with("px-"));
+
+    let proxies = rt.block_on(async {
+        let mut c = client(&control, Some(&token)).await;
+        c.list_proxies(v1::ListProxiesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .proxies
+    });
+    assert_eq!(proxies.len(), 1);
+    assert_eq!(proxies[0].acked_version, 1);
+    assert!(proxies[0].in_sync);
+    assert_eq!(proxies[0].http_addr, proxy.http);
+}
+
+#[test]
+fn every_rpc_needs_the_token() {
+    let control = start_control("");
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = client(&control, None).await;
+        let e = c.get_status(v1::GetStatusRequest {}).await.unwrap_err();
+        assert_eq!(
+            (e.code(), e.message()),
+            (tonic::Code::Unauthenticated, "missing bearer token")
+        );
+        let wrong = "f".repeat(64);
+        let mut c = client(&control, Some(&wrong)).await;
+        let e = c.get_status(v1::GetStatusRequest {}).await.unwrap_err();
+        assert_eq!(
+            (e.code(), e.message()),
+            (tonic::Code::Unauthenticated, "invalid bearer token")
+        );
+        let mut c = client(&control, Some(&control.token)).await;
+        let s = c
+            .get_status(v1::GetStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(s.control_instance_id.len(), 32);
+        assert_eq!(s.version, 1);
+    });
+}
+
+#[test]
+fn proxy_without_a_control_plane_exits_1_and_wide_token_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("t");
+    std::fs::write(&token, "a".repeat(64)).unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    // Nothing listens on this port: the attach fails and the proxy refuses to start.
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (status, out, err) = run_to_exit(
+        &[
+            "--control",
+            &format!("http://{free}"),
+            "--control-token-file",
+            token.to_str().unwrap(),
+            "--control-timeout",
+            "3",
+        ],
+        None,
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(out.is_empty(), "no ready line: {out}");
+    assert!(
+        err.contains("could not attach to control plane at"),
+        "{err}"
+    );
+
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let out = Command::new(control_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--token-file"])
+        .arg(&token)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is accessible by other users (mode 0644); run chmod 600"),
+        "{err}"
+    );
+}
