@@ -1,5 +1,6 @@
 //! `portcullis-control`: the Portcullis control plane.
 
+mod approvals;
 mod cli;
 mod serve;
 mod service;

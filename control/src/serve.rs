@@ -77,7 +77,21 @@ pub async fn run(args: ServeArgs) -> ExitCode {
         }
     };
     let bound = listener.local_addr().unwrap_or(listen);
-    let services = Services { state };
+    let ask_timeout = Duration::from_secs(
+        args.policy
+            .ask_timeout
+            .unwrap_or(config.approvals.ask_timeout_secs),
+    );
+    let approvals = Arc::new(crate::approvals::Approvals::new(crate::approvals::Limits {
+        timeout: ask_timeout,
+        max_pending: config.approvals.max_pending as usize,
+        max_waiters: config.approvals.max_waiters_per_ask as usize,
+    }));
+    let services = Services {
+        state,
+        approvals: approvals.clone(),
+        ask_timeout,
+    };
     let auth = move |req: tonic::Request<()>| {
         let header = req
             .metadata()
@@ -115,6 +129,8 @@ pub async fn run(args: ServeArgs) -> ExitCode {
     let serving = tokio::spawn(server);
     signals.wait().await;
     tracing::info!("shutting down");
+    // Every held request gets a clear answer before the streams end.
+    approvals.shutdown().await;
     let _ = tx.send(());
     // Open Attach streams are ended with the server; do not wait for clients longer than 1 s.
     let _ = tokio::time::timeout(Duration::from_secs(1), serving).await;

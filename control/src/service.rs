@@ -14,6 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::approvals::{Approvals, AskIn};
 use crate::state::{ControlState, timestamp};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -23,6 +24,50 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 pub struct Services {
     /// The shared state.
     pub state: Arc<ControlState>,
+    /// Pending asks.
+    pub approvals: Arc<Approvals>,
+    /// `approvals.ask_timeout_secs` (or `--ask-timeout`).
+    pub ask_timeout: Duration,
+}
+
+/// `ask_` + 16 lowercase hex.
+fn valid_ask_id(s: &str) -> bool {
+    s.strip_prefix("ask_").is_some_and(|h| {
+        h.len() == 16
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// Validates an AskRequest's fields (control.md §2, §6 rule 6).
+fn check_ask(req: &v1::AskRequest) -> Result<(), String> {
+    if req.ask_ref == 0 {
+        return Err("ask_ref: must be greater than 0".into());
+    }
+    if !matches!(
+        req.protocol.as_str(),
+        "http" | "https_connect" | "socks5_tcp" | "socks5_udp"
+    ) {
+        return Err(format!("protocol: invalid label {:?}", req.protocol));
+    }
+    if !(1..=65535).contains(&req.port) {
+        return Err("port: must be between 1 and 65535".into());
+    }
+    match portcullis::policy::normalize_host(&req.host) {
+        Ok(h) if h.to_string() == req.host => Ok(()),
+        Ok(_) => Err("host: not normalised".into()),
+        Err(e) => Err(format!("host: {e}")),
+    }
+}
+
+fn actor_of(a: Option<String>) -> Result<String, Status> {
+    let actor = a.unwrap_or_else(|| "api".into());
+    if actor.is_empty() || actor.chars().count() > 128 || actor.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(
+            "actor: must be 1-128 characters without control characters",
+        ));
+    }
+    Ok(actor)
 }
 
 /// `[A-Za-z0-9][A-Za-z0-9._:-]{0,127}` (control.md §2).
@@ -90,18 +135,21 @@ impl DataPlane for Services {
             acked_version: 0,
             in_sync: false,
         };
-        let (stream_no, replaced) = state.attach(info);
+        let (tx, rx) = mpsc::channel::<Result<v1::ControlMessage, Status>>(64);
+        let (stream_no, replaced) = state.attach(info, tx.clone());
         if replaced {
             tracing::info!(proxy_id = %hello.proxy_id, "a newer stream superseded the previous one");
         }
-        let (tx, rx) = mpsc::channel::<Result<v1::ControlMessage, Status>>(16);
         let _ = tx
             .send(Ok(v1::ControlMessage {
                 msg: Some(v1::control_message::Msg::Snapshot(snapshot)),
             }))
             .await;
         tracing::info!(proxy_id = %hello.proxy_id, session_id = %hello.session_id, "data plane attached");
+        let approvals = self.approvals.clone();
+        let ask_timeout = self.ask_timeout;
         tokio::spawn(async move {
+            let mut open_refs: std::collections::HashSet<u64> = std::collections::HashSet::new();
             loop {
                 let next = tokio::select! {
                     m = inbound.message() => m,
@@ -140,15 +188,57 @@ impl DataPlane for Services {
                             .await;
                         break;
                     }
-                    Some(v1::proxy_message::Msg::Ask(_))
-                    | Some(v1::proxy_message::Msg::AskCancel(_)) => {
-                        // Asks are not enabled in snapshots yet; a proxy should not send them.
-                        let _ = tx
-                            .send(Err(Status::invalid_argument(
-                                "asks are not enabled on this control plane",
-                            )))
-                            .await;
-                        break;
+                    Some(v1::proxy_message::Msg::Ask(req)) => {
+                        if let Err(e) = check_ask(&req) {
+                            let _ = tx.send(Err(Status::invalid_argument(e))).await;
+                            break;
+                        }
+                        if req.hold && !open_refs.insert(req.ask_ref) {
+                            let _ = tx
+                                .send(Err(Status::invalid_argument(
+                                    "ask_ref: already open on this stream",
+                                )))
+                                .await;
+                            break;
+                        }
+                        let ask_ref = req.ask_ref;
+                        let hold = req.hold;
+                        let a = AskIn {
+                            proxy_id: hello.proxy_id.clone(),
+                            session_id: hello.session_id.clone(),
+                            stream_no,
+                            req,
+                            tx: tx.clone(),
+                        };
+                        match approvals.ask(a).await {
+                            Ok((id, true)) => {
+                                let approvals = approvals.clone();
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(ask_timeout).await;
+                                    approvals.expire(&id).await;
+                                });
+                            }
+                            Ok((_, false)) => {}
+                            Err(reason) if hold => {
+                                let msg = v1::ControlMessage {
+                                    msg: Some(v1::control_message::Msg::AskAnswer(v1::AskAnswer {
+                                        ask_ref,
+                                        ask_id: String::new(),
+                                        verdict: "deny".into(),
+                                        reason: reason.into(),
+                                        outcome: v1::Outcome::Unspecified as i32,
+                                        actor: String::new(),
+                                    })),
+                                };
+                                let _ = tx.send(Ok(msg)).await;
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                    Some(v1::proxy_message::Msg::AskCancel(c)) => {
+                        // An unknown ask_ref is ignored (answer/cancel race).
+                        open_refs.remove(&c.ask_ref);
+                        approvals.cancel(&hello.proxy_id, stream_no, c.ask_ref);
                     }
                     None => {
                         let _ = tx
@@ -158,6 +248,7 @@ impl DataPlane for Services {
                     }
                 }
             }
+            approvals.stream_gone(&hello.proxy_id, stream_no);
             state.detach(&hello.proxy_id, stream_no);
             tracing::info!(proxy_id = %hello.proxy_id, "data plane detached");
         });
@@ -175,24 +266,88 @@ fn unimplemented<T>(what: &str) -> Result<T, Status> {
 impl Control for Services {
     async fn approve(
         &self,
-        _: Request<v1::ApproveRequest>,
+        request: Request<v1::ApproveRequest>,
     ) -> Result<Response<v1::ApproveResponse>, Status> {
-        unimplemented("Approve")
+        let r = request.into_inner();
+        if !valid_ask_id(&r.pending_id) {
+            return Err(Status::invalid_argument(
+                "pending_id: must be ask_ followed by 16 lowercase hex digits",
+            ));
+        }
+        let actor = actor_of(r.actor)?;
+        let (outcome, persist_failed) = match v1::ApprovalScope::try_from(r.scope) {
+            Ok(v1::ApprovalScope::Once) => (v1::Outcome::AllowOnce, false),
+            Ok(v1::ApprovalScope::Session) => (v1::Outcome::AllowSession, false),
+            // Rules persistence is not in yet: applied in memory only, as control.md §4 says.
+            Ok(v1::ApprovalScope::Always) => (v1::Outcome::AllowSession, true),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "scope: must be ONCE, SESSION or ALWAYS",
+                ));
+            }
+        };
+        let (ask, policy_version) = self
+            .approvals
+            .resolve(&self.state, &r.pending_id, outcome, &actor)
+            .await?;
+        if persist_failed {
+            tracing::error!(ask = %ask.id, "could not persist rule: rules persistence is not available yet");
+            return Err(Status::internal(
+                "could not persist rule: rules persistence is not available yet; applied as allow_session only",
+            ));
+        }
+        Ok(Response::new(v1::ApproveResponse {
+            ask: Some(ask),
+            outcome: outcome as i32,
+            policy_version,
+            enforced: false,
+            lagging_proxies: Vec::new(),
+        }))
     }
 
     async fn deny(
         &self,
-        _: Request<v1::DenyRequest>,
+        request: Request<v1::DenyRequest>,
     ) -> Result<Response<v1::DenyResponse>, Status> {
-        unimplemented("Deny")
+        let r = request.into_inner();
+        if !valid_ask_id(&r.pending_id) {
+            return Err(Status::invalid_argument(
+                "pending_id: must be ask_ followed by 16 lowercase hex digits",
+            ));
+        }
+        let actor = actor_of(r.actor)?;
+        let persist_failed = match v1::ApprovalScope::try_from(r.scope) {
+            Ok(v1::ApprovalScope::Once) => false,
+            Ok(v1::ApprovalScope::Always) => true,
+            _ => return Err(Status::invalid_argument("scope: must be ONCE or ALWAYS")),
+        };
+        let outcome = v1::Outcome::DenyOnce;
+        let (ask, _) = self
+            .approvals
+            .resolve(&self.state, &r.pending_id, outcome, &actor)
+            .await?;
+        if persist_failed {
+            return Err(Status::internal(
+                "could not persist rule: rules persistence is not available yet; applied as deny_once only",
+            ));
+        }
+        Ok(Response::new(v1::DenyResponse {
+            ask: Some(ask),
+            outcome: outcome as i32,
+            policy_version: 0,
+            enforced: false,
+            lagging_proxies: Vec::new(),
+        }))
     }
 
     async fn list_pending(
         &self,
-        _: Request<v1::ListPendingRequest>,
+        request: Request<v1::ListPendingRequest>,
     ) -> Result<Response<v1::ListPendingResponse>, Status> {
-        // No asks are raised yet, so none is ever pending.
-        Ok(Response::new(v1::ListPendingResponse { asks: Vec::new() }))
+        let session = request.into_inner().session_id;
+        Ok(Response::new(v1::ListPendingResponse {
+            asks: self.approvals.list(session.as_deref()),
+        }))
     }
 
     type WatchPendingStream = BoxStream<v1::PendingEvent>;
@@ -328,6 +483,7 @@ impl Control for Services {
                 ..Default::default()
             }),
             attached_proxies: self.state.proxies().len() as u32,
+            pending_asks: self.approvals.list(None).len() as u32,
             ..Default::default()
         }))
     }

@@ -10,6 +10,12 @@ use portcullis::policy::CompiledPolicy;
 use portcullis::proto::v1;
 use tokio::sync::broadcast;
 
+/// One session's allows: (host, protocol label, port).
+type SessionAllows = std::collections::BTreeSet<(String, String, u32)>;
+
+/// The outbound half of an Attach stream.
+pub type Outbound = tokio::sync::mpsc::Sender<Result<v1::ControlMessage, tonic::Status>>;
+
 /// One attached data plane.
 #[derive(Debug, Clone)]
 pub struct Attached {
@@ -17,6 +23,8 @@ pub struct Attached {
     pub info: v1::ProxyInfo,
     /// Bumped per stream so a superseded stream does not unregister its successor.
     pub stream_no: u64,
+    /// The stream's outbound half (snapshots, ask answers).
+    pub tx: Outbound,
 }
 
 /// Shared control-plane state.
@@ -26,6 +34,7 @@ pub struct ControlState {
     /// When this instance started.
     pub started_at: SystemTime,
     snapshot: Mutex<v1::PolicySnapshot>,
+    session_allows: Mutex<HashMap<String, SessionAllows>>,
     proxies: Mutex<HashMap<String, Attached>>,
     next_stream: std::sync::atomic::AtomicU64,
     /// Every Decision reported by attached proxies.
@@ -62,8 +71,7 @@ impl ControlState {
             allow_local_binding: n.allow_local_binding,
             allow_upstream_proxy: n.allow_upstream_proxy,
             session_allows: Vec::new(),
-            // Asks are not served yet: misses are plain `not_allowed` denies.
-            asks_enabled: false,
+            asks_enabled: config.approvals.enabled,
             ask_timeout_ms: (config.approvals.ask_timeout_secs * 1000).min(u64::from(u32::MAX))
                 as u32,
             report_allows: config.approvals.report_allows,
@@ -74,6 +82,7 @@ impl ControlState {
             instance_id,
             started_at: SystemTime::now(),
             snapshot: Mutex::new(snapshot),
+            session_allows: Mutex::new(HashMap::new()),
             proxies: Mutex::new(HashMap::new()),
             next_stream: std::sync::atomic::AtomicU64::new(1),
             decisions,
@@ -81,8 +90,91 @@ impl ControlState {
     }
 
     /// The snapshot a proxy of `session_id` receives now.
-    pub fn snapshot_for(&self, _session_id: &str) -> v1::PolicySnapshot {
-        self.snapshot.lock().map(|s| s.clone()).unwrap_or_default()
+    pub fn snapshot_for(&self, session_id: &str) -> v1::PolicySnapshot {
+        let mut snap = self.snapshot.lock().map(|s| s.clone()).unwrap_or_default();
+        if let Ok(allows) = self.session_allows.lock()
+            && let Some(set) = allows.get(session_id)
+        {
+            snap.session_allows = set
+                .iter()
+                .map(|(host, protocol, port)| v1::SessionAllow {
+                    host: host.clone(),
+                    protocol: protocol.clone(),
+                    port: *port,
+                })
+                .collect();
+        }
+        snap
+    }
+
+    /// Adds a session allow; returns the new policy version (after pushing the new snapshot
+    /// to that session's proxies), or `None` when it was already there.
+    pub async fn add_session_allow(
+        &self,
+        session: &str,
+        host: &str,
+        protocol: &str,
+        port: u32,
+    ) -> Option<u64> {
+        let inserted = self
+            .session_allows
+            .lock()
+            .map(|mut m| {
+                m.entry(session.to_string()).or_default().insert((
+                    host.to_string(),
+                    protocol.to_string(),
+                    port,
+                ))
+            })
+            .unwrap_or(false);
+        if !inserted {
+            return None;
+        }
+        Some(self.bump_and_push(Some(session)).await)
+    }
+
+    /// Takes the next version and sends the new full snapshot to the affected proxies
+    /// (`session`: only that session's; `None`: every attached proxy).
+    pub async fn bump_and_push(&self, session: Option<&str>) -> u64 {
+        let version = match self.snapshot.lock() {
+            Ok(mut s) => {
+                s.version += 1;
+                s.issued_at = Some(timestamp(SystemTime::now()));
+                s.version
+            }
+            Err(_) => return 0,
+        };
+        let targets: Vec<(String, String, Outbound)> = self
+            .proxies
+            .lock()
+            .map(|p| {
+                p.values()
+                    .filter(|a| session.is_none_or(|s| a.info.session_id == s))
+                    .map(|a| {
+                        (
+                            a.info.proxy_id.clone(),
+                            a.info.session_id.clone(),
+                            a.tx.clone(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (proxy_id, session_id, tx) in targets {
+            let snap = self.snapshot_for(&session_id);
+            if let Ok(mut p) = self.proxies.lock()
+                && let Some(a) = p.get_mut(&proxy_id)
+            {
+                a.info.sent_version = snap.version;
+                a.info.in_sync = false;
+            }
+            let _ = tx
+                .send(Ok(v1::ControlMessage {
+                    msg: Some(v1::control_message::Msg::Snapshot(snap)),
+                }))
+                .await;
+        }
+        version
     }
 
     /// Current policy version.
@@ -91,7 +183,7 @@ impl ControlState {
     }
 
     /// Registers a stream; returns its number and whether it replaced an older one.
-    pub fn attach(&self, info: v1::ProxyInfo) -> (u64, bool) {
+    pub fn attach(&self, info: v1::ProxyInfo, tx: Outbound) -> (u64, bool) {
         let stream_no = self
             .next_stream
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -99,8 +191,15 @@ impl ControlState {
             .proxies
             .lock()
             .map(|mut p| {
-                p.insert(info.proxy_id.clone(), Attached { info, stream_no })
-                    .is_some()
+                p.insert(
+                    info.proxy_id.clone(),
+                    Attached {
+                        info,
+                        stream_no,
+                        tx,
+                    },
+                )
+                .is_some()
             })
             .unwrap_or(false);
         (stream_no, replaced)

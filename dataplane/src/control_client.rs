@@ -152,6 +152,20 @@ async fn session(
         .into_inner();
     let mut last_version = 0u64;
     let mut instance = String::new();
+    let asker = shared.asker().cloned();
+    if let Some(a) = &asker {
+        a.stream_up(tx.clone());
+    }
+    // Whatever ends this session, held requests are released (control_unavailable).
+    struct Down(Option<Arc<crate::asker::Asker>>);
+    impl Drop for Down {
+        fn drop(&mut self) {
+            if let Some(a) = &self.0 {
+                a.stream_down();
+            }
+        }
+    }
+    let _down = Down(asker.clone());
     loop {
         tokio::select! {
             msg = inbound.message() => {
@@ -160,9 +174,15 @@ async fn session(
                     Ok(None) => return Ok(()),
                     Err(s) => return Err(format!("{}: {}", s.code(), s.message())),
                 };
-                let Some(v1::control_message::Msg::Snapshot(snap)) = msg.msg else {
-                    // Ask answers come with asks, which this proxy does not raise yet.
-                    continue;
+                let snap = match msg.msg {
+                    Some(v1::control_message::Msg::Snapshot(snap)) => snap,
+                    Some(v1::control_message::Msg::AskAnswer(answer)) => {
+                        if let Some(a) = &asker {
+                            a.deliver(answer);
+                        }
+                        continue;
+                    }
+                    None => continue,
                 };
                 if snap.control_instance_id == instance && snap.version <= last_version {
                     return Err(format!("snapshot version {} does not increase", snap.version));
@@ -177,6 +197,9 @@ async fn session(
                 instance.clone_from(&snap.control_instance_id);
                 last_version = snap.version;
                 report_allows.store(snap.report_allows, Ordering::Relaxed);
+                if let Some(a) = &asker {
+                    a.set_ask_timeout_ms(snap.ask_timeout_ms);
+                }
                 let ack = v1::SnapshotAck {
                     control_instance_id: snap.control_instance_id.clone(),
                     version: snap.version,
@@ -246,11 +269,6 @@ fn apply(shared: &Shared, snap: &v1::PolicySnapshot) -> Result<(), String> {
         let port = u16::try_from(s.port).map_err(|_| "session_allows: invalid port".to_string())?;
         session_allows.push((s.host.clone(), protocol, port));
     }
-    if snap.asks_enabled {
-        tracing::warn!(
-            "the control plane enables asks, which this proxy does not raise yet: misses are denied"
-        );
-    }
     let spec = PolicySpec {
         enabled: n.enabled,
         limited: n.mode == Mode::Limited,
@@ -259,7 +277,11 @@ fn apply(shared: &Shared, snap: &v1::PolicySnapshot) -> Result<(), String> {
         allowed,
         denied,
         session_allows,
-        asks: AskMode::Disabled,
+        asks: if snap.asks_enabled {
+            AskMode::Enabled
+        } else {
+            AskMode::Disabled
+        },
     };
     let policy =
         CompiledPolicy::compile(&spec).map_err(|(list, i, e)| format!("{list:?}[{i}]: {e}"))?;

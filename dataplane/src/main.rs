@@ -2,6 +2,7 @@
 
 mod admin;
 mod app;
+mod asker;
 mod cli;
 mod control_client;
 mod dial;
@@ -222,6 +223,9 @@ async fn run(args: cli::Args) -> ExitCode {
     if let (Some(cfg), Some(events)) = (attach, control_events) {
         let url = cfg.url.clone();
         let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+        shared.set_asker(std::sync::Arc::new(asker::Asker::new(
+            shared.runtime().config.limits.max_pending_approvals as usize,
+        )));
         tokio::spawn(control_client::run(shared.clone(), cfg, events, first_tx));
         // The ready line waits for the first snapshot (control.md §9).
         match tokio::time::timeout(attach_timeout, first_rx).await {

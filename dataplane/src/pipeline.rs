@@ -6,8 +6,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::Response;
-use portcullis::decision::{Decision, Protocol, ProxyError, ResolveFailure};
-use portcullis::policy::{AddressPlan, Host, NameStage, Proceed, RequestContext};
+use portcullis::decision::{
+    Decision, MessageKind, Protocol, ProxyError, Reason, ResolveFailure, Source, Verdict,
+};
+use portcullis::policy::{AddressPlan, Host, NameStage, Proceed, Refusal, RequestContext};
+use portcullis::proto::v1;
+
+use crate::asker::AskResult;
 
 use crate::dial::DialError;
 use crate::http::respond::{self, Body, RenderOpts};
@@ -53,6 +58,17 @@ pub async fn decide(shared: &Shared, q: &Query<'_>) -> Outcome {
         own_addrs: shared.own_addrs(),
     };
     let proceed: Proceed = match rt.policy.check_name(&ctx) {
+        NameStage::Refuse(refusal) if refusal.verdict == Verdict::Ask => {
+            drop(rt);
+            // Time spent waiting for a person is not decision time.
+            match ask(shared, &ctx, q.client, refusal).await {
+                Ok((proceed, ask_id)) => {
+                    let zero = std::time::Duration::ZERO;
+                    return finish(shared, &ctx, q.client, proceed, Some(ask_id), zero).await;
+                }
+                Err(d) => return Outcome::Refuse(d),
+            }
+        }
         NameStage::Refuse(refusal) => {
             let d = refusal.into_decision(&ctx, q.client, shared.origin());
             shared.metrics().decision_time(started.elapsed());
@@ -61,6 +77,28 @@ pub async fn decide(shared: &Shared, q: &Query<'_>) -> Outcome {
         NameStage::Proceed(p) => p,
     };
     let name_time = started.elapsed();
+    drop(rt);
+    finish(shared, &ctx, q.client, proceed, None, name_time).await
+}
+
+/// Steps 5–6 after the name stage passed (directly or through an approval): resolve once,
+/// check every address, report the one Decision.
+async fn finish(
+    shared: &Shared,
+    ctx: &RequestContext<'_>,
+    client: SocketAddr,
+    proceed: Proceed,
+    ask_id: Option<String>,
+    name_time: std::time::Duration,
+) -> Outcome {
+    // The version current now: a held request continues against the policy of the answer.
+    let rt = shared.runtime();
+    let ctx = *ctx;
+    let q_client = client;
+    let stamp = |mut d: Decision| {
+        d.ask_id.clone_from(&ask_id);
+        d
+    };
     let addrs = match &proceed.plan {
         AddressPlan::Addresses(a) => a.clone(),
         AddressPlan::Resolve(name) => {
@@ -72,9 +110,11 @@ pub async fn decide(shared: &Shared, q: &Query<'_>) -> Outcome {
                 Err(failure) => {
                     let after = Instant::now();
                     let d = match rt.policy.resolution_failed(&ctx, &proceed, failure) {
-                        Some(refusal) => refusal.into_decision(&ctx, q.client, shared.origin()),
+                        Some(refusal) => {
+                            stamp(refusal.into_decision(&ctx, q_client, shared.origin()))
+                        }
                         None => {
-                            let d = proceed.allow_decision(&ctx, q.client, shared.origin());
+                            let d = stamp(proceed.allow_decision(&ctx, q_client, shared.origin()));
                             shared.metrics().decision_time(name_time + after.elapsed());
                             shared.reporter().report(d);
                             return Outcome::Unresolvable(failure);
@@ -87,21 +127,108 @@ pub async fn decide(shared: &Shared, q: &Query<'_>) -> Outcome {
         }
     };
     let after = Instant::now();
-    let outcome = match rt.policy.check_addresses(&ctx, &proceed, &addrs) {
-        Err(refusal) => Outcome::Refuse(shared.reporter().report(refusal.into_decision(
-            &ctx,
-            q.client,
-            shared.origin(),
-        ))),
-        Ok(()) => Outcome::Allow(
-            shared
-                .reporter()
-                .report(proceed.allow_decision(&ctx, q.client, shared.origin())),
-            addrs,
-        ),
-    };
+    let outcome =
+        match rt.policy.check_addresses(&ctx, &proceed, &addrs) {
+            Err(refusal) => Outcome::Refuse(shared.reporter().report(stamp(
+                refusal.into_decision(&ctx, q_client, shared.origin()),
+            ))),
+            Ok(()) => Outcome::Allow(
+                shared.reporter().report(stamp(proceed.allow_decision(
+                    &ctx,
+                    q_client,
+                    shared.origin(),
+                ))),
+                addrs,
+            ),
+        };
     shared.metrics().decision_time(name_time + after.elapsed());
     outcome
+}
+
+/// An allowlist miss while asks are enabled (`control.md` §7): report the `ask` Decision, hold
+/// the request until the answer, and return how to continue — or the final refusal.
+async fn ask(
+    shared: &Shared,
+    ctx: &RequestContext<'_>,
+    client: SocketAddr,
+    refusal: Refusal,
+) -> Result<(Proceed, String), Arc<Decision>> {
+    let deny = |reason: Reason, kind: MessageKind, ask_id: Option<String>| {
+        let mut d = Refusal {
+            verdict: Verdict::Deny,
+            reason,
+            source: Source::Decider,
+            kind,
+            rule: None,
+            address: None,
+        }
+        .into_decision(ctx, client, shared.origin());
+        d.ask_id = ask_id;
+        shared.reporter().report(d)
+    };
+    let Some(asker) = shared.asker().filter(|a| a.is_up()).cloned() else {
+        return Err(deny(
+            Reason::ControlUnavailable,
+            MessageKind::ControlUnavailable,
+            None,
+        ));
+    };
+    let ask_decision =
+        shared
+            .reporter()
+            .report(refusal.into_decision(ctx, client, shared.origin()));
+    let req = v1::AskRequest {
+        ask_ref: 0,
+        decision_id: ask_decision.id.hyphenated().to_string(),
+        host: ctx.host.to_string(),
+        port: u32::from(ctx.port),
+        protocol: ctx.protocol.as_str().into(),
+        method: ctx.method.unwrap_or_default().into(),
+        client_address: client.ip().to_string(),
+        hold: true,
+    };
+    if ctx.protocol == Protocol::Socks5Udp {
+        // Datagrams are never held: the ask only helps later datagrams (control.md §7.8).
+        asker.ask_without_hold(req);
+        return Err(ask_decision);
+    }
+    let waited = Instant::now();
+    let result = asker.ask(req).await;
+    shared.metrics().ask_wait(waited.elapsed());
+    match result {
+        AskResult::Answer(a) if a.verdict == "allow" => {
+            let rt = shared.runtime();
+            Ok((rt.policy.approved(ctx), a.ask_id))
+        }
+        AskResult::Answer(a) => {
+            let reason = Reason::parse(&a.reason);
+            let kind = match reason {
+                Reason::ApprovalDenied => MessageKind::ApprovalDenied,
+                Reason::ApprovalTimeout => MessageKind::ApprovalTimeout,
+                Reason::ApprovalsFull => MessageKind::ApprovalsFull,
+                Reason::ControlUnavailable => MessageKind::ControlUnavailable,
+                Reason::SessionEnded => MessageKind::SessionEnded,
+                _ => MessageKind::PolicyDenied,
+            };
+            let ask_id = (!a.ask_id.is_empty()).then_some(a.ask_id);
+            Err(deny(reason, kind, ask_id))
+        }
+        AskResult::Unavailable => Err(deny(
+            Reason::ControlUnavailable,
+            MessageKind::ControlUnavailable,
+            None,
+        )),
+        AskResult::Full => Err(deny(
+            Reason::ApprovalsFull,
+            MessageKind::ApprovalsFull,
+            None,
+        )),
+        AskResult::TimedOut => Err(deny(
+            Reason::ApprovalTimeout,
+            MessageKind::ApprovalTimeout,
+            None,
+        )),
+    }
 }
 
 /// 502/504 for an allowed name without addresses (`policy.md` §4 step 5.2).

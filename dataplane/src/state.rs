@@ -93,6 +93,7 @@ pub struct Shared {
     /// Bumped whenever the mode turns limited: tunnels opened under full mode close.
     limited_epoch: watch::Sender<u64>,
     socks_credentials: Option<crate::socks5::auth::Credentials>,
+    asker: std::sync::OnceLock<Arc<crate::asker::Asker>>,
     udp_associations: Arc<tokio::sync::Semaphore>,
 }
 
@@ -124,6 +125,7 @@ impl Shared {
             version: std::sync::atomic::AtomicU64::new(1),
             limited_epoch: watch::Sender::new(0),
             socks_credentials,
+            asker: std::sync::OnceLock::new(),
         }
     }
 
@@ -142,6 +144,16 @@ impl Shared {
         }
         self.version
             .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The asker, when attached to a control plane.
+    pub fn asker(&self) -> Option<&Arc<crate::asker::Asker>> {
+        self.asker.get()
+    }
+
+    /// Installs the asker (once, at attach).
+    pub fn set_asker(&self, asker: Arc<crate::asker::Asker>) {
+        let _ = self.asker.set(asker);
     }
 
     /// SOCKS5 username/password, when configured.

@@ -101,7 +101,9 @@ async fn client(
 fn attached_proxy_enforces_the_snapshot_and_reports_decisions() {
     let origin = http_echo("127.0.0.1");
     let allow = format!("127.0.0.1:{}", origin.port());
-    let control = start_control(&format!("[network]\nallowed_domains = [\"{allow}\"]\n"));
+    let control = start_control(&format!(
+        "[network]\nallowed_domains = [\"{allow}\"]\n[approvals]\nenabled = false\n"
+    ));
     let token_file = control.dir.path().join("control.token");
     let endpoint = format!("http://{}", control.grpc);
     // The local --allow is ignored: the snapshot decides.
@@ -234,4 +236,189 @@ fn proxy_without_a_control_plane_exits_1_and_wide_token_file_is_refused() {
         err.contains("is accessible by other users (mode 0644); run chmod 600"),
         "{err}"
     );
+}
+
+/// A proxy attached to a control plane whose asks are enabled; names resolve through a
+/// loopback DNS server to the loopback origin.
+struct AskSetup {
+    control: Control,
+    proxy: ProxyProcess,
+    _dns: portcullis_integration_tests::DnsServer,
+    origin_port: u16,
+    _origin: portcullis_integration_tests::origin::Origin,
+}
+
+fn ask_setup(timeout_secs: u64) -> AskSetup {
+    let origin = http_echo("127.0.0.1");
+    let dns = portcullis_integration_tests::DnsServer::start();
+    for name in ["app.test", "other.test", "twice.test", "slow.test"] {
+        dns.set(name, &["127.0.0.1".parse().unwrap()]);
+    }
+    let control = start_control(&format!(
+        "[network]\nallow_local_binding = true\n[approvals]\nask_timeout_secs = {timeout_secs}\n"
+    ));
+    let token_file = control.dir.path().join("control.token");
+    let proxy = ProxyProcess::start(
+        &[
+            "--control",
+            &format!("http://{}", control.grpc),
+            "--control-token-file",
+            token_file.to_str().unwrap(),
+        ],
+        Some(&format!(
+            "[network]\ndns_servers = [\"{}\"]\n",
+            dns.addr_string()
+        )),
+    );
+    AskSetup {
+        origin_port: origin.port(),
+        control,
+        proxy,
+        _dns: dns,
+        _origin: origin,
+    }
+}
+
+fn wait_pending(s: &AskSetup, n: usize) -> Vec<v1::PendingAsk> {
+    let rt = runtime();
+    for _ in 0..200 {
+        let asks = rt.block_on(async {
+            let mut c = client(&s.control, Some(&s.control.token)).await;
+            c.list_pending(v1::ListPendingRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .asks
+        });
+        if asks.iter().map(|a| a.waiters as usize).sum::<usize>() >= n {
+            return asks;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let asks = rt.block_on(async {
+        let mut c = client(&s.control, Some(&s.control.token)).await;
+        c.list_pending(v1::ListPendingRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .asks
+    });
+    panic!(
+        "no pending ask with {n} waiters appeared: {asks:?}\n{}",
+        s.proxy.stderr_text()
+    );
+}
+
+fn held_curl(
+    s: &AskSetup,
+    host: &str,
+) -> std::thread::JoinHandle<portcullis_integration_tests::CurlResult> {
+    let px = s.proxy.http_url();
+    let url = format!("http://{host}:{}/", s.origin_port);
+    std::thread::spawn(move || curl(&["-x", &px, &url]))
+}
+
+#[test]
+fn ask_once_shared_by_concurrent_requests_then_allowed() {
+    let s = ask_setup(60);
+    let a = held_curl(&s, "twice.test");
+    let b = held_curl(&s, "twice.test");
+    let asks = wait_pending(&s, 2);
+    assert_eq!(asks.len(), 1, "one ask for one destination: {asks:?}");
+    assert_eq!(asks[0].waiters, 2);
+    assert_eq!(
+        (asks[0].host.as_str(), asks[0].protocol.as_str()),
+        ("twice.test", "http")
+    );
+    let id = asks[0].id.clone();
+    assert!(id.starts_with("ask_") && id.len() == 20, "{id}");
+    runtime().block_on(async {
+        let mut c = client(&s.control, Some(&s.control.token)).await;
+        let r = c
+            .approve(v1::ApproveRequest {
+                pending_id: id.clone(),
+                scope: v1::ApprovalScope::Once as i32,
+                ..Default::default()
+            })
+            .await
+            .expect("Approve")
+            .into_inner();
+        assert_eq!(r.outcome, v1::Outcome::AllowOnce as i32);
+        let again = c
+            .approve(v1::ApproveRequest {
+                pending_id: id.clone(),
+                scope: v1::ApprovalScope::Once as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{again:?}");
+    });
+    assert_eq!(a.join().unwrap().status, 200);
+    assert_eq!(b.join().unwrap().status, 200);
+    // The ask Decision is in the blocked log with the id the PendingAsk names.
+    let blocked = portcullis_integration_tests::blocked(s.proxy.admin_addr());
+    let entries = blocked["blocked"].as_array().unwrap();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["decision"] == "ask" && e["id"] == asks[0].decision_id.as_str())
+    );
+}
+
+#[test]
+fn deny_session_and_timeout_answers() {
+    let s = ask_setup(1);
+    // Timeout: nobody answers within 1 s.
+    let r = held_curl(&s, "slow.test").join().unwrap();
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(
+        r.text()
+            .contains(r#""reason":"approval_timeout","source":"decider""#),
+        "{}",
+        r.text()
+    );
+    drop(s);
+
+    let s = ask_setup(60);
+    let h = held_curl(&s, "app.test");
+    let id = wait_pending(&s, 1)[0].id.clone();
+    runtime().block_on(async {
+        let mut c = client(&s.control, Some(&s.control.token)).await;
+        c.deny(v1::DenyRequest {
+            pending_id: id,
+            scope: v1::ApprovalScope::Once as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("Deny");
+    });
+    let r = h.join().unwrap();
+    assert_eq!(r.status, 403);
+    assert!(
+        r.text()
+            .contains(r#""reason":"approval_denied","source":"decider""#),
+        "{}",
+        r.text()
+    );
+
+    // Session scope: later requests of the session pass without a new ask.
+    let h = held_curl(&s, "other.test");
+    let id = wait_pending(&s, 1)[0].id.clone();
+    runtime().block_on(async {
+        let mut c = client(&s.control, Some(&s.control.token)).await;
+        let r = c
+            .approve(v1::ApproveRequest {
+                pending_id: id,
+                scope: v1::ApprovalScope::Session as i32,
+                ..Default::default()
+            })
+            .await
+            .expect("Approve session")
+            .into_inner();
+        assert!(r.policy_version > 1);
+    });
+    assert_eq!(h.join().unwrap().status, 200);
+    let again = held_curl(&s, "other.test").join().unwrap();
+    assert_eq!(again.status, 200, "allowed by the pushed session allow");
 }

@@ -234,6 +234,22 @@ impl CompiledPolicy {
         self.limited
     }
 
+    /// After an approval allowed what step 4 refused: continue with step 5 as an override
+    /// (`control.md` §7.5). Local literals never get here (step 2 is final).
+    pub fn approved(&self, ctx: &RequestContext<'_>) -> Proceed {
+        let plan = match ctx.host {
+            Host::Ip { addr, .. } => AddressPlan::Addresses(vec![*addr]),
+            h if h.is_loopback_name() => AddressPlan::Addresses(LOOPBACK_SET.to_vec()),
+            Host::Name(n) => AddressPlan::Resolve(n.to_string()),
+        };
+        Proceed {
+            plan,
+            opened_local: false,
+            override_: true,
+            rule: None,
+        }
+    }
+
     /// Steps 0–4 (`policy.md` §4): decided on the name alone, before any DNS.
     pub fn check_name(&self, ctx: &RequestContext<'_>) -> NameStage {
         // 0. Proxy state.

@@ -1,0 +1,330 @@
+//! Pending asks (control.md §7): one PendingAsk per (session, host, protocol, port) shared by
+//! every waiting request, one deadline set by the first, answers fanned out to every waiter.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use portcullis::proto::v1;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::state::{ControlState, timestamp};
+
+type Outbound = mpsc::Sender<Result<v1::ControlMessage, Status>>;
+
+/// (session, host, protocol label, port).
+type Key = (String, String, String, u32);
+
+struct Waiter {
+    proxy_id: String,
+    stream_no: u64,
+    ask_ref: u64,
+    tx: Outbound,
+}
+
+struct Pending {
+    ask: v1::PendingAsk,
+    key: Key,
+    waiters: Vec<Waiter>,
+}
+
+/// How an ask ended, remembered for `FAILED_PRECONDITION` answers.
+struct Ended {
+    id: String,
+    summary: String,
+}
+
+/// Limits from `[approvals]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// `approvals.ask_timeout_secs`.
+    pub timeout: Duration,
+    /// `approvals.max_pending`.
+    pub max_pending: usize,
+    /// `approvals.max_waiters_per_ask`.
+    pub max_waiters: usize,
+}
+
+/// The pending asks.
+pub struct Approvals {
+    limits: Limits,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    pending: HashMap<String, Pending>,
+    by_key: HashMap<Key, String>,
+    ended: VecDeque<Ended>,
+}
+
+/// A request to ask, as the stream received it.
+pub struct AskIn {
+    /// Stream identity.
+    pub proxy_id: String,
+    /// Session of the stream.
+    pub session_id: String,
+    /// Which stream (a superseded one's waiters are released).
+    pub stream_no: u64,
+    /// The request.
+    pub req: v1::AskRequest,
+    /// Where answers go.
+    pub tx: Outbound,
+}
+
+fn new_ask_id() -> String {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("ask_{hex}")
+}
+
+fn answer(
+    ask_ref: u64,
+    ask_id: &str,
+    allow: bool,
+    reason: &str,
+    outcome: v1::Outcome,
+    actor: &str,
+) -> v1::ControlMessage {
+    v1::ControlMessage {
+        msg: Some(v1::control_message::Msg::AskAnswer(v1::AskAnswer {
+            ask_ref,
+            ask_id: ask_id.to_string(),
+            verdict: if allow { "allow" } else { "deny" }.into(),
+            reason: if allow {
+                String::new()
+            } else {
+                reason.to_string()
+            },
+            outcome: outcome as i32,
+            actor: actor.to_string(),
+        })),
+    }
+}
+
+impl Approvals {
+    /// An empty set of asks.
+    pub fn new(limits: Limits) -> Approvals {
+        Approvals {
+            limits,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    /// Registers a waiter (creating the ask if new). Returns the ask id and whether it is new
+    /// (the caller schedules the expiry of new asks), or the deny reason when over a cap.
+    pub async fn ask(&self, a: AskIn) -> Result<(String, bool), &'static str> {
+        let key: Key = (
+            a.session_id.clone(),
+            a.req.host.clone(),
+            a.req.protocol.clone(),
+            a.req.port,
+        );
+        let mut inner = self.inner.lock().map_err(|_| "approvals_full")?;
+        let waiter = Waiter {
+            proxy_id: a.proxy_id.clone(),
+            stream_no: a.stream_no,
+            ask_ref: a.req.ask_ref,
+            tx: a.tx,
+        };
+        if let Some(id) = inner.by_key.get(&key).cloned() {
+            let max = self.limits.max_waiters;
+            let p = inner.pending.get_mut(&id).ok_or("approvals_full")?;
+            if p.waiters.len() >= max {
+                return Err("approvals_full");
+            }
+            if a.req.hold {
+                p.waiters.push(waiter);
+                p.ask.waiters = p.waiters.len() as u32;
+            }
+            if !p.ask.proxy_ids.contains(&a.proxy_id) {
+                p.ask.proxy_ids.push(a.proxy_id);
+            }
+            return Ok((id, false));
+        }
+        if inner.pending.len() >= self.limits.max_pending {
+            return Err("approvals_full");
+        }
+        let id = new_ask_id();
+        let now = SystemTime::now();
+        let ask = v1::PendingAsk {
+            id: id.clone(),
+            session_id: a.session_id,
+            host: a.req.host,
+            port: a.req.port,
+            protocol: a.req.protocol,
+            method: a.req.method,
+            client_address: a.req.client_address,
+            proxy_ids: vec![a.proxy_id],
+            waiters: u32::from(a.req.hold),
+            decision_id: a.req.decision_id,
+            created_at: Some(timestamp(now)),
+            expires_at: Some(timestamp(now + self.limits.timeout)),
+        };
+        let waiters = if a.req.hold { vec![waiter] } else { Vec::new() };
+        inner.by_key.insert(key.clone(), id.clone());
+        inner
+            .pending
+            .insert(id.clone(), Pending { ask, key, waiters });
+        Ok((id, true))
+    }
+
+    /// A client gave up waiting: the waiter goes, the ask stays (its answer helps retries).
+    pub fn cancel(&self, proxy_id: &str, stream_no: u64, ask_ref: u64) {
+        if let Ok(mut inner) = self.inner.lock() {
+            for p in inner.pending.values_mut() {
+                p.waiters.retain(|w| {
+                    !(w.proxy_id == proxy_id && w.stream_no == stream_no && w.ask_ref == ask_ref)
+                });
+                p.ask.waiters = p.waiters.len() as u32;
+            }
+        }
+    }
+
+    /// A stream ended: its waiters are gone.
+    pub fn stream_gone(&self, proxy_id: &str, stream_no: u64) {
+        if let Ok(mut inner) = self.inner.lock() {
+            for p in inner.pending.values_mut() {
+                p.waiters
+                    .retain(|w| !(w.proxy_id == proxy_id && w.stream_no == stream_no));
+                p.ask.waiters = p.waiters.len() as u32;
+            }
+        }
+    }
+
+    /// Pending asks, oldest first, optionally of one session.
+    pub fn list(&self, session: Option<&str>) -> Vec<v1::PendingAsk> {
+        let mut v: Vec<v1::PendingAsk> = self
+            .inner
+            .lock()
+            .map(|i| {
+                i.pending
+                    .values()
+                    .filter(|p| session.is_none_or(|s| p.ask.session_id == s))
+                    .map(|p| p.ask.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort_by_key(|a| a.created_at.map(|t| (t.seconds, t.nanos)));
+        v
+    }
+
+    fn take(&self, id: &str) -> Result<Pending, Status> {
+        let mut inner = self
+            .inner
+            .lock()
+            .map_err(|_| Status::internal("approvals state poisoned"))?;
+        match inner.pending.remove(id) {
+            Some(p) => {
+                inner.by_key.remove(&p.key);
+                Ok(p)
+            }
+            None => match inner.ended.iter().find(|e| e.id == id) {
+                Some(e) => Err(Status::failed_precondition(format!(
+                    "ask {id} is no longer pending: {}",
+                    e.summary
+                ))),
+                None => Err(Status::not_found(format!("pending_id: no ask {id}"))),
+            },
+        }
+    }
+
+    fn remember(&self, id: &str, summary: String) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.ended.push_back(Ended {
+                id: id.to_string(),
+                summary,
+            });
+            while inner.ended.len() > 4096 {
+                inner.ended.pop_front();
+            }
+        }
+    }
+
+    /// Resolves an ask and answers every waiter; session allows are pushed first so released
+    /// requests and later ones see the same policy (control.md §6 rule 7).
+    pub async fn resolve(
+        &self,
+        state: &Arc<ControlState>,
+        id: &str,
+        outcome: v1::Outcome,
+        actor: &str,
+    ) -> Result<(v1::PendingAsk, u64), Status> {
+        let p = self.take(id)?;
+        let allow = matches!(
+            outcome,
+            v1::Outcome::AllowOnce | v1::Outcome::AllowSession | v1::Outcome::AllowAlways
+        );
+        let mut version = 0;
+        if outcome == v1::Outcome::AllowSession {
+            version = state
+                .add_session_allow(&p.ask.session_id, &p.ask.host, &p.ask.protocol, p.ask.port)
+                .await
+                .unwrap_or_else(|| state.version());
+        }
+        let label = outcome
+            .as_str_name()
+            .trim_start_matches("OUTCOME_")
+            .to_ascii_lowercase();
+        for w in &p.waiters {
+            let _ =
+                w.tx.send(Ok(answer(
+                    w.ask_ref,
+                    id,
+                    allow,
+                    "approval_denied",
+                    outcome,
+                    actor,
+                )))
+                .await;
+        }
+        self.remember(id, format!("{label} by {actor}"));
+        Ok((p.ask, version))
+    }
+
+    /// The deadline passed: every waiter is denied `approval_timeout`.
+    pub async fn expire(&self, id: &str) {
+        let Ok(p) = self.take(id) else { return };
+        for w in &p.waiters {
+            let _ =
+                w.tx.send(Ok(answer(
+                    w.ask_ref,
+                    id,
+                    false,
+                    "approval_timeout",
+                    v1::Outcome::Unspecified,
+                    "",
+                )))
+                .await;
+        }
+        self.remember(id, "expired".into());
+    }
+
+    /// Shutdown: every pending ask is answered `control_unavailable`.
+    pub async fn shutdown(&self) {
+        let all: Vec<Pending> = match self.inner.lock() {
+            Ok(mut i) => {
+                i.by_key.clear();
+                i.pending.drain().map(|(_, p)| p).collect()
+            }
+            Err(_) => return,
+        };
+        for p in all {
+            for w in &p.waiters {
+                let _ =
+                    w.tx.send(Ok(answer(
+                        w.ask_ref,
+                        &p.ask.id,
+                        false,
+                        "control_unavailable",
+                        v1::Outcome::Cancelled,
+                        "",
+                    )))
+                    .await;
+            }
+        }
+    }
+}
