@@ -80,7 +80,9 @@ impl Serialize for ListEntry {
     }
 }
 
-/// Which syntax a policy family used in the file (rule 5: never both).
+/// Which syntax supplied a policy family's entries in the file (rule 5: never both; the mixing
+/// check itself happens while parsing, where an empty list still counts). An empty list leaves
+/// the form `Absent`, so a file spelling out the defaults equals [`NetworkConfig::default`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Form {
     /// Neither key present.

@@ -688,11 +688,15 @@ impl<'a> Parser<'a> {
                 }
                 "allowed_domains" => {
                     net.allowed_domains = self.pattern_list(v, &key, false)?;
-                    net.domains_form = Form::List;
+                    if !net.allowed_domains.is_empty() {
+                        net.domains_form = Form::List;
+                    }
                 }
                 "denied_domains" => {
                     net.denied_domains = self.pattern_list(v, &key, true)?;
-                    net.domains_form = Form::List;
+                    if !net.denied_domains.is_empty() {
+                        net.domains_form = Form::List;
+                    }
                 }
                 "domains" => {
                     let (a, d) = self.allow_deny_map(v, &key, false)?;
@@ -702,7 +706,9 @@ impl<'a> Parser<'a> {
                 }
                 "allow_unix_sockets" => {
                     net.allow_unix_sockets = self.unix_list(v, &key)?;
-                    net.unix_sockets_form = Form::List;
+                    if !net.allow_unix_sockets.is_empty() {
+                        net.unix_sockets_form = Form::List;
+                    }
                 }
                 "unix_sockets" => {
                     let (a, d) = self.allow_deny_map(v, &key, true)?;
