@@ -2,6 +2,7 @@
 
 mod approvals;
 mod cli;
+mod client;
 mod serve;
 mod service;
 mod state;
@@ -27,21 +28,20 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let name = match cli.command {
-        cli::Command::Serve(args) => {
-            return match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt.block_on(serve::run(args)),
-                Err(e) => {
-                    eprintln!("cannot start the async runtime: {e}");
-                    ExitCode::from(1)
-                }
-            };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::from(1);
         }
+    };
+    let name = match cli.command {
+        cli::Command::Serve(args) => return rt.block_on(serve::run(args)),
+        cli::Command::Pending(args) => return rt.block_on(client::pending(args)),
+        cli::Command::Approve(args) => return rt.block_on(client::approve(args)),
+        cli::Command::Deny(args) => return rt.block_on(client::deny(args)),
+        cli::Command::Policy(args) => return rt.block_on(client::policy(args)),
         cli::Command::Exec(_) => "exec",
-        cli::Command::Pending(_) => "pending",
-        cli::Command::Approve(_) => "approve",
-        cli::Command::Deny(_) => "deny",
-        cli::Command::Policy(_) => "policy",
         cli::Command::SocksConnect(_) => "socks-connect",
     };
     eprintln!("portcullis-control: {name} is not implemented yet");

@@ -422,3 +422,60 @@ fn deny_session_and_timeout_answers() {
     let again = held_curl(&s, "other.test").join().unwrap();
     assert_eq!(again.status, 200, "allowed by the pushed session allow");
 }
+
+fn cli(s: &AskSetup, args: &[&str]) -> (Option<i32>, String, String) {
+    let token_file = s.control.dir.path().join("control.token");
+    let endpoint = format!("http://{}", s.control.grpc);
+    let out = Command::new(control_bin())
+        .args(args)
+        .args([
+            "--endpoint",
+            &endpoint,
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ])
+        .output()
+        .expect("run portcullis-control");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cli_pending_approve_deny_and_policy() {
+    let s = ask_setup(60);
+    let (code, out, err) = cli(&s, &["pending"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.trim(), "no pending asks");
+    let h = held_curl(&s, "app.test");
+    let id = wait_pending(&s, 1)[0].id.clone();
+    let (code, out, _) = cli(&s, &["pending", "--json"]);
+    assert_eq!(code, Some(0));
+    let row: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (row["id"].as_str(), row["host"].as_str()),
+        (Some(id.as_str()), Some("app.test"))
+    );
+    let (code, out, err) = cli(&s, &["approve", &id]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        out.trim(),
+        format!("allowed {id} (app.test:{} http) once", s.origin_port)
+    );
+    assert_eq!(h.join().unwrap().status, 200);
+    let (code, _, err) = cli(&s, &["approve", &id]);
+    assert_eq!(code, Some(1));
+    assert!(err.starts_with("error: FAILED_PRECONDITION: ask"), "{err}");
+    let (code, _, err) = cli(&s, &["deny", "ask_nothexatall!!"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.starts_with("error: INVALID_ARGUMENT: pending_id"),
+        "{err}"
+    );
+    let (code, out, err) = cli(&s, &["policy"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("policy version "), "{out}");
+    assert!(out.contains("allow_local_binding: true"), "{out}");
+}

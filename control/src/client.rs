@@ -1,0 +1,307 @@
+//! The thin gRPC clients of the CLI (control.md §11): `pending`, `approve`, `deny`, `policy`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use portcullis::config::Config;
+use portcullis::proto::v1;
+use portcullis::proto::v1::control_client::ControlClient;
+
+use crate::cli::{ApproveArgs, ClientArgs, DenyArgs, PendingArgs, PolicyArgs, Scope};
+
+/// Adds the bearer token to every call.
+type Auth = Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+
+type Client =
+    ControlClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Auth>>;
+
+/// A failure with its exit code and message.
+struct Failure(u8, String);
+
+fn code_name(code: tonic::Code) -> String {
+    // `FailedPrecondition` → `FAILED_PRECONDITION`.
+    let mut out = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
+fn rpc_error(s: tonic::Status) -> Failure {
+    Failure(
+        1,
+        format!("error: {}: {}", code_name(s.code()), s.message()),
+    )
+}
+
+fn token(args: &ClientArgs) -> Result<String, Failure> {
+    let path = match &args.token_file {
+        Some(p) => p.clone(),
+        None => {
+            if let Ok(t) = std::env::var("PORTCULLIS_TOKEN")
+                && !t.trim().is_empty()
+            {
+                return Ok(t.trim().to_string());
+            }
+            let config = match &args.config {
+                Some(p) => Config::load(p).map_err(|e| Failure(2, e.to_string()))?,
+                None => Config::embedded().map_err(|e| Failure(2, e.to_string()))?,
+            };
+            config
+                .control_token_file()
+                .map_err(|e| Failure(2, e.to_string()))?
+        }
+    };
+    crate::token::read(&path).map_err(|e| Failure(1, format!("error: {e}")))
+}
+
+async fn connect(args: &ClientArgs) -> Result<Client, Failure> {
+    if !args.endpoint.starts_with("http://") {
+        return Err(Failure(
+            2,
+            format!(
+                "usage error: --endpoint: expected http://HOST:PORT (unix: endpoints are not supported by this client yet), got {}",
+                args.endpoint
+            ),
+        ));
+    }
+    let token = token(args)?;
+    let value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| Failure(1, "error: the token is not a valid header value".into()))?;
+    let channel = tonic::transport::Endpoint::from_shared(args.endpoint.clone())
+        .map_err(|e| Failure(2, format!("usage error: --endpoint: {e}")))?
+        .connect_timeout(Duration::from_secs(args.timeout))
+        .timeout(Duration::from_secs(args.timeout))
+        .connect()
+        .await
+        .map_err(|e| {
+            Failure(
+                1,
+                format!(
+                    "error: UNAVAILABLE: cannot connect to {}: {e}",
+                    args.endpoint
+                ),
+            )
+        })?;
+    let interceptor: Auth = Box::new(move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", value.clone());
+        Ok(req)
+    });
+    Ok(ControlClient::with_interceptor(channel, interceptor))
+}
+
+fn actor() -> String {
+    let login = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    format!("cli:{login}")
+}
+
+fn destination(host: &str, port: u32) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+fn finish(r: Result<(), Failure>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(code, msg)) => {
+            eprintln!("{msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// `pending`.
+pub async fn pending(args: PendingArgs) -> ExitCode {
+    finish(
+        async {
+            if args.watch {
+                return Err(Failure(
+                    1,
+                    "error: UNIMPLEMENTED: pending --watch is not implemented yet".into(),
+                ));
+            }
+            let mut c = connect(&args.client).await?;
+            let asks = c
+                .list_pending(v1::ListPendingRequest::default())
+                .await
+                .map_err(rpc_error)?
+                .into_inner()
+                .asks;
+            if args.client.json {
+                for a in &asks {
+                    let line = serde_json::json!({
+                        "id": a.id, "session_id": a.session_id, "host": a.host, "port": a.port,
+                        "protocol": a.protocol, "waiters": a.waiters,
+                    });
+                    println!("{line}");
+                }
+            } else if asks.is_empty() {
+                println!("no pending asks");
+            } else {
+                println!("ID  SESSION  DESTINATION  PROTOCOL  WAITERS");
+                for a in &asks {
+                    println!(
+                        "{}  {}  {}  {}  {}",
+                        a.id,
+                        a.session_id,
+                        destination(&a.host, a.port),
+                        a.protocol,
+                        a.waiters
+                    );
+                }
+            }
+            Ok(())
+        }
+        .await,
+    )
+}
+
+/// `approve`.
+pub async fn approve(args: ApproveArgs) -> ExitCode {
+    finish(
+        async {
+            let mut c = connect(&args.client).await?;
+            let scope = match args.scope {
+                Scope::Once => v1::ApprovalScope::Once,
+                Scope::Session => v1::ApprovalScope::Session,
+                Scope::Always => v1::ApprovalScope::Always,
+            };
+            let r = c
+                .approve(v1::ApproveRequest {
+                    pending_id: args.id.clone(),
+                    scope: scope as i32,
+                    justification: args.justification.clone(),
+                    actor: Some(actor()),
+                    wait_for_enforcement: false,
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let ask = r.ask.unwrap_or_default();
+            let outcome = match args.scope {
+                Scope::Once => "allow_once",
+                Scope::Session => "allow_session",
+                Scope::Always => "allow_always",
+            };
+            if args.client.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"id": args.id, "outcome": outcome, "policy_version": r.policy_version})
+                );
+            } else {
+                let how = match args.scope {
+                    Scope::Once => "once".to_string(),
+                    Scope::Session => "for this session".to_string(),
+                    Scope::Always => format!("always; policy version {}", r.policy_version),
+                };
+                println!(
+                    "allowed {} ({} {}) {how}",
+                    args.id,
+                    destination(&ask.host, ask.port),
+                    ask.protocol
+                );
+            }
+            Ok(())
+        }
+        .await,
+    )
+}
+
+/// `deny`.
+pub async fn deny(args: DenyArgs) -> ExitCode {
+    finish(
+        async {
+            let mut c = connect(&args.client).await?;
+            let scope = if args.always {
+                v1::ApprovalScope::Always
+            } else {
+                v1::ApprovalScope::Once
+            };
+            let r = c
+                .deny(v1::DenyRequest {
+                    pending_id: args.id.clone(),
+                    scope: scope as i32,
+                    justification: args.justification.clone(),
+                    actor: Some(actor()),
+                    wait_for_enforcement: false,
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let ask = r.ask.unwrap_or_default();
+            if args.client.json {
+                let outcome = if args.always { "deny_always" } else { "deny_once" };
+                println!(
+                    "{}",
+                    serde_json::json!({"id": args.id, "outcome": outcome, "policy_version": r.policy_version})
+                );
+            } else {
+                println!(
+                    "denied {} ({} {})",
+                    args.id,
+                    destination(&ask.host, ask.port),
+                    ask.protocol
+                );
+            }
+            Ok(())
+        }
+        .await,
+    )
+}
+
+/// `policy`.
+pub async fn policy(args: PolicyArgs) -> ExitCode {
+    finish(
+        async {
+            let mut c = connect(&args.client).await?;
+            let view = c
+                .get_policy(v1::GetPolicyRequest::default())
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let snap = view.snapshot.clone().unwrap_or_default();
+            let source = |s: i32| {
+                v1::PolicySource::try_from(s)
+                    .map(|s| s.as_str_name().trim_start_matches("POLICY_SOURCE_").to_ascii_lowercase())
+                    .unwrap_or_else(|_| "unknown".into())
+            };
+            if args.client.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"kind": "summary", "version": view.version, "instance": view.control_instance_id,
+                        "mode": snap.mode, "allow_local_binding": snap.allow_local_binding,
+                        "managed_allowed_domains_only": view.managed_allowed_domains_only})
+                );
+                for e in &view.entries {
+                    println!(
+                        "{}",
+                        serde_json::json!({"kind": "entry", "decision": e.decision, "pattern": e.pattern, "port": e.port,
+                            "source": source(e.source), "rule_line": e.rule_line, "ignored": e.ignored})
+                    );
+                }
+            } else {
+                println!("policy version {} (instance {})", view.version, view.control_instance_id);
+                println!(
+                    "mode: {}  allow_local_binding: {}  managed_allowed_domains_only: {}",
+                    snap.mode, snap.allow_local_binding, view.managed_allowed_domains_only
+                );
+                for e in &view.entries {
+                    let port = if e.port == 0 { String::new() } else { format!(":{}", e.port) };
+                    println!("{}  {}{port}  {}", e.decision.to_ascii_uppercase(), e.pattern, source(e.source));
+                }
+                for p in &snap.allow_unix_sockets {
+                    println!("UNIX  {p}");
+                }
+            }
+            Ok(())
+        }
+        .await,
+    )
+}
