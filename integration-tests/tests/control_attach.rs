@@ -26,12 +26,15 @@ impl Drop for Control {
 }
 
 fn start_control(config: &str) -> Control {
-    let dir = tempfile::tempdir().unwrap();
+    start_control_at(config, "127.0.0.1:0", tempfile::tempdir().unwrap())
+}
+
+fn start_control_at(config: &str, listen: &str, dir: tempfile::TempDir) -> Control {
     let cfg = dir.path().join("control.toml");
     std::fs::write(&cfg, config).unwrap();
     let token_file = dir.path().join("control.token");
     let mut child = Command::new(control_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .args(["serve", "--listen", listen, "--config"])
         .arg(&cfg)
         .arg("--token-file")
         .arg(&token_file)
@@ -478,4 +481,99 @@ fn cli_pending_approve_deny_and_policy() {
     assert_eq!(code, Some(0), "{err}");
     assert!(out.starts_with("policy version "), "{out}");
     assert!(out.contains("allow_local_binding: true"), "{out}");
+}
+
+#[test]
+fn control_loss_denies_held_requests_and_the_proxy_reattaches() {
+    let origin = http_echo("127.0.0.1");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let config = format!(
+        "[network]\nallowed_domains = [\"127.0.0.1:{}\"]\n[approvals]\nask_timeout_secs = 60\n",
+        origin.port()
+    );
+    let control = start_control_at(&config, &listen, tempfile::tempdir().unwrap());
+    let token_file = control.dir.path().join("control.token");
+    let proxy = ProxyProcess::start(
+        &[
+            "--control",
+            &format!("http://{listen}"),
+            "--control-token-file",
+            token_file.to_str().unwrap(),
+        ],
+        Some("[control]\nreconnect_initial_ms = 50\nreconnect_max_ms = 200\n"),
+    );
+    let px = proxy.http_url();
+    // A held request (a literal the allowlist misses on another port would be local: use a name).
+    let held = {
+        let px = px.clone();
+        std::thread::spawn(move || curl(&["-x", &px, "http://held.test/"]))
+    };
+    // Wait until the ask is registered, then kill the control plane.
+    let rt = runtime();
+    for _ in 0..200 {
+        let n = rt.block_on(async {
+            let mut c = client(&control, Some(&control.token)).await;
+            c.list_pending(v1::ListPendingRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .asks
+                .len()
+        });
+        if n == 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let dir = {
+        let mut control = control;
+        let _ = control.child.kill();
+        let _ = control.child.wait();
+        // Keep the token file for the restart.
+        std::mem::replace(&mut control.dir, tempfile::tempdir().unwrap())
+    };
+    let r = held.join().unwrap();
+    assert_eq!(r.status, 403);
+    assert!(
+        r.text()
+            .contains(r#""reason":"control_unavailable","source":"decider""#),
+        "{}",
+        r.text()
+    );
+    // The last snapshot stays in force while detached.
+    assert_eq!(
+        curl(&["-x", &px, &format!("http://127.0.0.1:{}/", origin.port())]).status,
+        200
+    );
+    let r = curl(&["-x", &px, "http://other.test/"]);
+    assert!(
+        r.text().contains(r#""reason":"control_unavailable""#),
+        "{}",
+        r.text()
+    );
+    // A new control plane on the same address: the proxy re-attaches by itself.
+    let control = start_control_at(&config, &listen, dir);
+    let mut attached = false;
+    for _ in 0..200 {
+        let n = rt.block_on(async {
+            let mut c = client(&control, Some(&control.token)).await;
+            c.list_proxies(v1::ListProxiesRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .proxies
+                .len()
+        });
+        if n == 1 {
+            attached = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(attached, "proxy re-attached: {}", proxy.stderr_text());
 }
