@@ -43,28 +43,38 @@ pub fn decision_response(d: &Decision, opts: RenderOpts) -> Response<Body> {
     } else {
         d.text_body()
     };
-    let status = StatusCode::from_u16(d.reason.http_status()).unwrap_or(StatusCode::FORBIDDEN);
-    let mut builder = Response::builder()
-        .status(status)
-        .header("x-proxy-error", d.reason.proxy_error())
-        .header("x-portcullis-decision-id", d.id.hyphenated().to_string())
-        .header(header::CONTENT_TYPE, content_type(opts.json))
-        .header(header::CONTENT_LENGTH, body.len())
-        .header(header::CACHE_CONTROL, "no-store");
-    if opts.close {
-        builder = builder.header(header::CONNECTION, "close");
-    }
-    let body = if opts.head { empty() } else { full(body) };
-    builder.body(body).unwrap_or_else(|_| fallback())
+    let id = d.id.hyphenated().to_string();
+    framed(
+        d.reason.http_status(),
+        d.reason.proxy_error(),
+        Some(&id),
+        body,
+        opts,
+    )
 }
 
 /// A response that is not a Decision (`decisions.md` §4): no decision id, no prefix line.
 pub fn error_response(err: ProxyError, detail: &str, opts: RenderOpts) -> Response<Body> {
     let body = error_body(err.as_str(), detail, opts.json);
-    let status = StatusCode::from_u16(err.status()).unwrap_or(StatusCode::BAD_GATEWAY);
+    framed(err.status(), err.as_str(), None, body, opts)
+}
+
+/// The headers both kinds of answer share (`decisions.md` §3).
+fn framed(
+    status: u16,
+    proxy_error: &str,
+    decision_id: Option<&str>,
+    body: String,
+    opts: RenderOpts,
+) -> Response<Body> {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
     let mut builder = Response::builder()
         .status(status)
-        .header("x-proxy-error", err.as_str())
+        .header("x-proxy-error", proxy_error);
+    if let Some(id) = decision_id {
+        builder = builder.header("x-portcullis-decision-id", id);
+    }
+    builder = builder
         .header(header::CONTENT_TYPE, content_type(opts.json))
         .header(header::CONTENT_LENGTH, body.len())
         .header(header::CACHE_CONTROL, "no-store");

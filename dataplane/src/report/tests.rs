@@ -7,12 +7,13 @@ use std::time::{Duration, SystemTime};
 
 use portcullis::decision::{Decision, Origin, Protocol, Reason, Source, Verdict, new_decision_id};
 
-use super::blocked_log::{BlockedLog, VIOLATION_PREFIX, violation_line};
+use super::blocked_log::{BlockedLog, violation_line};
 use super::metrics::{
     AuditDropReason, BLOCK_REASONS, BadRequestKind, Direction, Listener, Metrics, MitmErrorKind,
     PolicyList, Sink, UdpDropReason, UpstreamErrorKind,
 };
 use super::{ChannelSink, DecisionSink, Offer, Reporter};
+use portcullis::decision::VIOLATION_LINE_PREFIX as VIOLATION_PREFIX;
 
 fn decision(verdict: Verdict, reason: Reason, protocol: Protocol, host: &str) -> Decision {
     Decision {
@@ -153,27 +154,7 @@ fn canonical_entry_has_every_key_in_order() {
     let d = deny("a.test");
     let line = violation_line(&d);
     let json = line.strip_prefix(VIOLATION_PREFIX).expect("prefix");
-    let keys = [
-        "decision",
-        "reason",
-        "source",
-        "protocol",
-        "host",
-        "port",
-        "id",
-        "timestamp",
-        "method",
-        "client_address",
-        "client_port",
-        "override",
-        "ask_id",
-        "rule",
-        "address",
-        "socket_path",
-        "message",
-        "proxy_id",
-        "session_id",
-    ];
+    let keys = portcullis::decision::CANONICAL_KEYS;
     let mut at = 0;
     for k in keys {
         let needle = format!("\"{k}\":");
