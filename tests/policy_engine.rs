@@ -462,3 +462,25 @@ fn origin() -> Origin {
         session_id: "default".into(),
     }
 }
+
+#[test]
+fn mitm_in_config_never_turns_limited_https_into_a_raw_tunnel() {
+    let mut config = portcullis::config::Config::from_toml_str(
+        "[network]\nmode = \"limited\"\nmitm = true\nallowed_domains = [\"*\"]\n",
+        "test.toml",
+    )
+    .unwrap();
+    config.network.mitm = true;
+    let p = CompiledPolicy::from_config(&config).unwrap();
+    assert_eq!(
+        reason(&name_stage_with(
+            &p,
+            "api.test",
+            443,
+            Protocol::HttpsConnect,
+            Some("CONNECT"),
+            &[]
+        )),
+        "mitm_required"
+    );
+}

@@ -272,7 +272,8 @@ fn apply(shared: &Shared, snap: &v1::PolicySnapshot) -> Result<(), String> {
     let spec = PolicySpec {
         enabled: n.enabled,
         limited: n.mode == Mode::Limited,
-        mitm: n.mitm,
+        // Interception is not implemented yet: limited-mode HTTPS stays refused.
+        mitm: false,
         allow_local_binding: n.allow_local_binding,
         allowed,
         denied,

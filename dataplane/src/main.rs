@@ -80,6 +80,11 @@ async fn run(args: cli::Args) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if runtime.config.network.mitm {
+        tracing::warn!(
+            "network.mitm = true, but HTTPS interception is not implemented yet: in limited mode CONNECT and SOCKS5 to port 443 are refused with mitm_required"
+        );
+    }
     let nofile = listeners::raise_nofile_limit();
     let max_conns = runtime.config.limits.max_connections as u64;
     if nofile < 2 * max_conns + 256 {

@@ -190,7 +190,9 @@ impl CompiledPolicy {
         let spec = PolicySpec {
             enabled: n.enabled,
             limited: n.mode == Mode::Limited,
-            mitm: n.mitm,
+            // Interception is not implemented yet: limited-mode HTTPS must stay refused
+            // (`mitm_required`) even with `network.mitm = true`, never become a raw tunnel.
+            mitm: false,
             allow_local_binding: n.allow_local_binding,
             allowed: lists
                 .allowed_domains
