@@ -16,6 +16,9 @@ use crate::service::Services;
 use crate::state::ControlState;
 use crate::token;
 
+/// Services reported by `grpc.health.v1.Health` (control.md §1.7).
+const HEALTH_NAMES: [&str; 3] = ["", "portcullis.v1.Control", "portcullis.v1.DataPlane"];
+
 /// Largest decoded message: a snapshot with 100 000 patterns must fit (control.md §1.9).
 const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 
@@ -102,6 +105,17 @@ pub async fn run(args: ServeArgs) -> ExitCode {
             Err(msg) => Err(tonic::Status::unauthenticated(msg)),
         }
     };
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(portcullis::proto::FILE_DESCRIPTOR_SET)
+        .build_v1();
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(portcullis::proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha();
+    let (Ok(reflection_v1), Ok(reflection_v1alpha)) = (reflection_v1, reflection_v1alpha) else {
+        eprintln!("startup error: cannot build the reflection service");
+        return ExitCode::from(1);
+    };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -112,8 +126,18 @@ pub async fn run(args: ServeArgs) -> ExitCode {
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             DataPlaneServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE),
+            auth.clone(),
+        ))
+        // Reflection needs the token; health does not (control.md §1.3, §1.8).
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            reflection_v1,
+            auth.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            reflection_v1alpha,
             auth,
         ))
+        .add_service(health)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             let _ = rx.await;
         });
@@ -124,11 +148,21 @@ pub async fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    for name in HEALTH_NAMES {
+        health_reporter
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
     println!("{{\"event\":\"ready\",\"component\":\"control\",\"grpc\":\"{bound}\"}}");
     tracing::info!(grpc = %bound, "portcullis-control ready");
     let serving = tokio::spawn(server);
     signals.wait().await;
     tracing::info!("shutting down");
+    for name in HEALTH_NAMES {
+        health_reporter
+            .set_service_status(name, tonic_health::ServingStatus::NotServing)
+            .await;
+    }
     // Every held request gets a clear answer before the streams end.
     approvals.shutdown().await;
     let _ = tx.send(());
