@@ -84,7 +84,18 @@ impl App {
             .map_err(ReloadError::Invalid)?;
         let current = self.shared.runtime();
         Config::reload_check(&current.config, &config).map_err(ReloadError::Invalid)?;
-        let runtime = build_runtime(config).map_err(ReloadError::Invalid)?;
+        let mut runtime = build_runtime(config).map_err(ReloadError::Invalid)?;
+        if current.snapshot_version.is_some() {
+            // Attached: the policy keys come from the snapshot, not from the file (config.md §4).
+            runtime.policy = current.policy.clone();
+            runtime.unix = current.unix.clone();
+            runtime.snapshot_version = current.snapshot_version;
+            let (n, c) = (&mut runtime.config.network, &current.config.network);
+            n.mode = c.mode;
+            n.allow_local_binding = c.allow_local_binding;
+            n.dangerously_allow_all_unix_sockets = c.dangerously_allow_all_unix_sockets;
+            n.allow_upstream_proxy &= c.allow_upstream_proxy;
+        }
         self.shared
             .reporter()
             .resize_blocked_log(runtime.config.limits.blocked_log_size as usize);
@@ -96,6 +107,9 @@ impl App {
     /// `POST /mode`: switches full/limited until the next reload.
     pub fn set_mode(&self, limited: bool) -> Result<(), String> {
         let current = self.shared.runtime();
+        if current.snapshot_version.is_some() {
+            return Err("mode is managed by the control plane".into());
+        }
         let mut config = current.config.clone();
         config.network.mode = if limited {
             portcullis::config::Mode::Limited
@@ -122,9 +136,11 @@ impl App {
                 network.insert("denied_domains".into(), rt.policy.denied_patterns().into());
             }
             if let Some(serde_json::Value::Object(control)) = map.get_mut("control") {
-                // Standalone until the attach stream exists.
-                control.insert("attached".into(), serde_json::Value::Bool(false));
-                control.insert("policy_version".into(), serde_json::Value::Null);
+                control.insert(
+                    "attached".into(),
+                    serde_json::Value::Bool(rt.snapshot_version.is_some()),
+                );
+                control.insert("policy_version".into(), rt.snapshot_version.into());
             }
             map.insert(
                 "listeners".into(),
@@ -146,8 +162,8 @@ impl App {
         allowed.sort();
         denied.sort();
         serde_json::json!({
-            "source": "config",
-            "version": null,
+            "source": if rt.snapshot_version.is_some() { "control" } else { "config" },
+            "version": rt.snapshot_version,
             "allowed": allowed,
             "denied": denied,
             "unix_sockets": {"allow": [], "deny": []},
@@ -192,6 +208,7 @@ pub fn build_runtime(config: Config) -> Result<Runtime, String> {
             .collect(),
     };
     Ok(Runtime {
+        snapshot_version: None,
         unix,
         settings: Settings::from_config(&config),
         policy,

@@ -293,6 +293,7 @@ fn apply(shared: &Shared, snap: &v1::PolicySnapshot) -> Result<(), String> {
     };
     let resolver = crate::resolve::Resolver::new(&config.network.dns_servers);
     shared.swap_runtime(Runtime {
+        snapshot_version: Some(snap.version),
         settings: Settings::from_config(&config),
         policy,
         resolver,

@@ -70,6 +70,8 @@ pub struct Runtime {
     pub resolver: Resolver,
     /// The unix-socket lists.
     pub unix: crate::unix_socket::UnixPolicy,
+    /// The control plane's snapshot version this policy came from (`None`: standalone).
+    pub snapshot_version: Option<u64>,
 }
 
 impl Runtime {

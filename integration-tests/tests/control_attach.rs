@@ -155,6 +155,27 @@ fn attached_proxy_enforces_the_snapshot_and_reports_decisions() {
     assert_eq!(d.session_id, "default");
     assert!(d.proxy_id.starts_with("px-"));
 
+    // Attached: the admin API shows the control's policy, refuses POST /mode, and a reload of
+    // the local file does not replace the snapshot's lists.
+    let admin = proxy.admin_addr();
+    let patterns: serde_json::Value =
+        serde_json::from_slice(&portcullis_integration_tests::admin_get(admin, "/patterns").body)
+            .unwrap();
+    assert_eq!(patterns["source"], "control");
+    assert_eq!(patterns["version"], 1);
+    let r = portcullis_integration_tests::admin_post(admin, "/mode", r#"{"mode":"limited"}"#);
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("mode is managed by the control plane"));
+    assert_eq!(
+        portcullis_integration_tests::admin_post(admin, "/reload", "").status,
+        200
+    );
+    assert_eq!(curl(&["-x", &px, &format!("http://{allow}/")]).status, 200);
+    let config: serde_json::Value =
+        serde_json::from_slice(&portcullis_integration_tests::admin_get(admin, "/config").body)
+            .unwrap();
+    assert_eq!(config["control"]["attached"], true);
+
     let proxies = rt.block_on(async {
         let mut c = client(&control, Some(&token)).await;
         c.list_proxies(v1::ListProxiesRequest {})
