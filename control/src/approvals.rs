@@ -303,6 +303,45 @@ impl Approvals {
         self.remember(id, "expired".into());
     }
 
+    /// `EndSession`: every pending ask of `session` is cancelled; its waiters are denied
+    /// `session_ended`. Returns how many asks were cancelled.
+    pub async fn end_session(&self, session: &str) -> usize {
+        let ended: Vec<Pending> = match self.inner.lock() {
+            Ok(mut i) => {
+                let ids: Vec<String> = i
+                    .pending
+                    .iter()
+                    .filter(|(_, p)| p.ask.session_id == session)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                ids.iter()
+                    .filter_map(|id| {
+                        let p = i.pending.remove(id)?;
+                        i.by_key.remove(&p.key);
+                        Some(p)
+                    })
+                    .collect()
+            }
+            Err(_) => return 0,
+        };
+        for p in &ended {
+            for w in &p.waiters {
+                let _ =
+                    w.tx.send(Ok(answer(
+                        w.ask_ref,
+                        &p.ask.id,
+                        false,
+                        "session_ended",
+                        v1::Outcome::Cancelled,
+                        "",
+                    )))
+                    .await;
+            }
+            self.remember(&p.ask.id, "cancelled (session ended)".into());
+        }
+        ended.len()
+    }
+
     /// Shutdown: every pending ask is answered `control_unavailable`.
     pub async fn shutdown(&self) {
         let all: Vec<Pending> = match self.inner.lock() {

@@ -465,9 +465,19 @@ impl Control for Services {
 
     async fn end_session(
         &self,
-        _: Request<v1::EndSessionRequest>,
+        request: Request<v1::EndSessionRequest>,
     ) -> Result<Response<v1::EndSessionResponse>, Status> {
-        unimplemented("EndSession")
+        let session = request.into_inner().session_id;
+        if !valid_session_id(&session) {
+            return Err(Status::invalid_argument("session_id: invalid"));
+        }
+        let cancelled = self.approvals.end_session(&session).await;
+        let (removed, version) = self.state.end_session(&session).await;
+        Ok(Response::new(v1::EndSessionResponse {
+            cancelled_asks: cancelled as u32,
+            removed_session_allows: removed as u32,
+            policy_version: version.unwrap_or_else(|| self.state.version()),
+        }))
     }
 
     async fn get_status(

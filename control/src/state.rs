@@ -133,6 +133,21 @@ impl ControlState {
         Some(self.bump_and_push(Some(session)).await)
     }
 
+    /// Removes every session allow of `session`; returns how many and the new version (if any
+    /// changed).
+    pub async fn end_session(&self, session: &str) -> (usize, Option<u64>) {
+        let removed = self
+            .session_allows
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(session))
+            .map_or(0, |set| set.len());
+        if removed == 0 {
+            return (0, None);
+        }
+        (removed, Some(self.bump_and_push(Some(session)).await))
+    }
+
     /// Takes the next version and sends the new full snapshot to the affected proxies
     /// (`session`: only that session's; `None`: every attached proxy).
     pub async fn bump_and_push(&self, session: Option<&str>) -> u64 {
