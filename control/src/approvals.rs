@@ -50,6 +50,12 @@ pub struct Limits {
 pub struct Approvals {
     limits: Limits,
     inner: Mutex<Inner>,
+    /// Live `PendingEvent`s for `WatchPending`.
+    pub events: tokio::sync::broadcast::Sender<v1::PendingEvent>,
+}
+
+fn event(e: v1::pending_event::Event) -> v1::PendingEvent {
+    v1::PendingEvent { event: Some(e) }
 }
 
 #[derive(Default)]
@@ -107,10 +113,11 @@ fn answer(
 
 impl Approvals {
     /// An empty set of asks.
-    pub fn new(limits: Limits) -> Approvals {
+    pub fn new(limits: Limits, watch_buffer: usize) -> Approvals {
         Approvals {
             limits,
             inner: Mutex::new(Inner::default()),
+            events: tokio::sync::broadcast::channel(watch_buffer.max(1)).0,
         }
     }
 
@@ -165,6 +172,12 @@ impl Approvals {
             expires_at: Some(timestamp(now + self.limits.timeout)),
         };
         let waiters = if a.req.hold { vec![waiter] } else { Vec::new() };
+        let _ = self.events.send(event(v1::pending_event::Event::Created(
+            v1::pending_event::Created {
+                ask: Some(ask.clone()),
+                initial: false,
+            },
+        )));
         inner.by_key.insert(key.clone(), id.clone());
         inner
             .pending
@@ -282,6 +295,16 @@ impl Approvals {
                 .await;
         }
         self.remember(id, format!("{label} by {actor}"));
+        let _ = self.events.send(event(v1::pending_event::Event::Resolved(
+            v1::pending_event::Resolved {
+                ask: Some(p.ask.clone()),
+                outcome: outcome as i32,
+                actor: actor.to_string(),
+                justification: String::new(),
+                resolved_at: Some(timestamp(SystemTime::now())),
+                policy_version: version,
+            },
+        )));
         Ok((p.ask, version))
     }
 
@@ -301,6 +324,9 @@ impl Approvals {
                 .await;
         }
         self.remember(id, "expired".into());
+        let _ = self.events.send(event(v1::pending_event::Event::Expired(
+            v1::pending_event::Expired { ask: Some(p.ask) },
+        )));
     }
 
     /// `EndSession`: every pending ask of `session` is cancelled; its waiters are denied

@@ -85,11 +85,14 @@ pub async fn run(args: ServeArgs) -> ExitCode {
             .ask_timeout
             .unwrap_or(config.approvals.ask_timeout_secs),
     );
-    let approvals = Arc::new(crate::approvals::Approvals::new(crate::approvals::Limits {
-        timeout: ask_timeout,
-        max_pending: config.approvals.max_pending as usize,
-        max_waiters: config.approvals.max_waiters_per_ask as usize,
-    }));
+    let approvals = Arc::new(crate::approvals::Approvals::new(
+        crate::approvals::Limits {
+            timeout: ask_timeout,
+            max_pending: config.approvals.max_pending as usize,
+            max_waiters: config.approvals.max_waiters_per_ask as usize,
+        },
+        config.control.watch_buffer as usize,
+    ));
     let services = Services {
         state,
         approvals: approvals.clone(),

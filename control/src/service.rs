@@ -354,9 +354,85 @@ impl Control for Services {
 
     async fn watch_pending(
         &self,
-        _: Request<v1::WatchPendingRequest>,
+        request: Request<v1::WatchPendingRequest>,
     ) -> Result<Response<Self::WatchPendingStream>, Status> {
-        unimplemented("WatchPending")
+        let session = request.into_inner().session_id;
+        // Subscribe before listing, so no event falls between the listing and the live stream.
+        let mut live = self.approvals.events.subscribe();
+        let approvals = self.approvals.clone();
+        let (tx, rx) = mpsc::channel::<Result<v1::PendingEvent, Status>>(64);
+        tokio::spawn(async move {
+            let listing = |approvals: &Approvals| {
+                let mut v: Vec<v1::PendingEvent> = approvals
+                    .list(session.as_deref())
+                    .into_iter()
+                    .map(|ask| v1::PendingEvent {
+                        event: Some(v1::pending_event::Event::Created(
+                            v1::pending_event::Created {
+                                ask: Some(ask),
+                                initial: true,
+                            },
+                        )),
+                    })
+                    .collect();
+                v.push(v1::PendingEvent {
+                    event: Some(v1::pending_event::Event::Synced(
+                        v1::pending_event::Synced {},
+                    )),
+                });
+                v
+            };
+            for e in listing(&approvals) {
+                if tx.send(Ok(e)).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                let e = match live.recv().await {
+                    Ok(e) => e,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        // A slow watcher learns how much it missed, then gets the state again.
+                        let lagged = v1::PendingEvent {
+                            event: Some(v1::pending_event::Event::Lagged(
+                                v1::pending_event::Lagged { missed },
+                            )),
+                        };
+                        if tx.send(Ok(lagged)).await.is_err() {
+                            return;
+                        }
+                        for e in listing(&approvals) {
+                            if tx.send(Ok(e)).await.is_err() {
+                                return;
+                            }
+                        }
+                        continue;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                let ask_session = match &e.event {
+                    Some(v1::pending_event::Event::Created(c)) => {
+                        c.ask.as_ref().map(|a| a.session_id.clone())
+                    }
+                    Some(v1::pending_event::Event::Resolved(r)) => {
+                        r.ask.as_ref().map(|a| a.session_id.clone())
+                    }
+                    Some(v1::pending_event::Event::Expired(x)) => {
+                        x.ask.as_ref().map(|a| a.session_id.clone())
+                    }
+                    _ => None,
+                };
+                if session
+                    .as_ref()
+                    .is_some_and(|s| ask_session.as_ref() != Some(s))
+                {
+                    continue;
+                }
+                if tx.send(Ok(e)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn get_policy(

@@ -654,3 +654,58 @@ fn end_session_cancels_asks_and_session_allows() {
     });
     assert_eq!(again.join().unwrap().status, 403);
 }
+
+#[test]
+fn watch_pending_lists_then_streams_created_and_resolved() {
+    let s = ask_setup(60);
+    let first = held_curl(&s, "app.test");
+    wait_pending(&s, 1);
+    let rt = runtime();
+    let mut watch = rt.block_on(async {
+        let mut c = client(&s.control, Some(&s.control.token)).await;
+        c.watch_pending(v1::WatchPendingRequest::default())
+            .await
+            .expect("WatchPending")
+            .into_inner()
+    });
+    let mut next = || {
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), watch.message()).await })
+            .expect("an event in time")
+            .expect("stream ok")
+            .expect("an event")
+            .event
+            .expect("event set")
+    };
+    let v1::pending_event::Event::Created(c) = next() else {
+        panic!("created first")
+    };
+    assert!(c.initial);
+    let id = c.ask.unwrap().id;
+    assert!(matches!(next(), v1::pending_event::Event::Synced(_)));
+    let second = held_curl(&s, "other.test");
+    let v1::pending_event::Event::Created(c) = next() else {
+        panic!("a live created")
+    };
+    assert!(!c.initial);
+    assert_eq!(c.ask.as_ref().unwrap().host, "other.test");
+    let other = c.ask.unwrap().id;
+    rt.block_on(async {
+        let mut c = client(&s.control, Some(&s.control.token)).await;
+        for pending_id in [id.clone(), other.clone()] {
+            c.approve(v1::ApproveRequest {
+                pending_id,
+                scope: v1::ApprovalScope::Once as i32,
+                ..Default::default()
+            })
+            .await
+            .expect("Approve");
+        }
+    });
+    let v1::pending_event::Event::Resolved(r) = next() else {
+        panic!("resolved")
+    };
+    assert_eq!(r.ask.unwrap().id, id);
+    assert_eq!(r.outcome, v1::Outcome::AllowOnce as i32);
+    assert_eq!(first.join().unwrap().status, 200);
+    assert_eq!(second.join().unwrap().status, 200);
+}
