@@ -121,13 +121,10 @@ fn finish(r: Result<(), Failure>) -> ExitCode {
 pub async fn pending(args: PendingArgs) -> ExitCode {
     finish(
         async {
-            if args.watch {
-                return Err(Failure(
-                    1,
-                    "error: UNIMPLEMENTED: pending --watch is not implemented yet".into(),
-                ));
-            }
             let mut c = connect(&args.client).await?;
+            if args.watch {
+                return watch(&mut c, args.client.json).await;
+            }
             let asks = c
                 .list_pending(v1::ListPendingRequest::default())
                 .await
@@ -161,6 +158,71 @@ pub async fn pending(args: PendingArgs) -> ExitCode {
         }
         .await,
     )
+}
+
+/// `pending --watch`: one line per event until the stream ends.
+async fn watch(c: &mut Client, json: bool) -> Result<(), Failure> {
+    use v1::pending_event::Event;
+    let mut stream = c
+        .watch_pending(v1::WatchPendingRequest::default())
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    let outcome_name = |o: i32| {
+        v1::Outcome::try_from(o)
+            .map(|o| {
+                o.as_str_name()
+                    .trim_start_matches("OUTCOME_")
+                    .to_ascii_lowercase()
+            })
+            .unwrap_or_else(|_| "unknown".into())
+    };
+    while let Some(e) = stream.message().await.map_err(rpc_error)? {
+        let Some(event) = e.event else { continue };
+        let (human, machine) = match event {
+            Event::Created(c) => {
+                let a = c.ask.unwrap_or_default();
+                (
+                    format!(
+                        "created {} {} {} session {}",
+                        a.id,
+                        destination(&a.host, a.port),
+                        a.protocol,
+                        a.session_id
+                    ),
+                    serde_json::json!({"event": "created", "id": a.id, "session_id": a.session_id, "host": a.host,
+                        "port": a.port, "protocol": a.protocol, "waiters": a.waiters}),
+                )
+            }
+            Event::Resolved(r) => {
+                let id = r.ask.map(|a| a.id).unwrap_or_default();
+                let outcome = outcome_name(r.outcome);
+                (
+                    format!("resolved {id} {outcome} by {}", r.actor),
+                    serde_json::json!({"event": "resolved", "id": id, "outcome": outcome, "actor": r.actor,
+                        "policy_version": r.policy_version}),
+                )
+            }
+            Event::Expired(x) => {
+                let id = x.ask.map(|a| a.id).unwrap_or_default();
+                (
+                    format!("expired {id}"),
+                    serde_json::json!({"event": "expired", "id": id}),
+                )
+            }
+            Event::Synced(_) => ("synced".to_string(), serde_json::json!({"event": "synced"})),
+            Event::Lagged(l) => (
+                format!("lagged {}", l.missed),
+                serde_json::json!({"event": "lagged", "missed": l.missed}),
+            ),
+        };
+        if json {
+            println!("{machine}");
+        } else {
+            println!("{human}");
+        }
+    }
+    Ok(())
 }
 
 /// `approve`.

@@ -498,6 +498,24 @@ fn cli_pending_approve_deny_and_policy() {
         err.starts_with("error: INVALID_ARGUMENT: pending_id"),
         "{err}"
     );
+    // pending --watch prints the listing, then synced (killed after the first lines).
+    let token_file = s.control.dir.path().join("control.token");
+    let mut watcher = Command::new(control_bin())
+        .args([
+            "pending",
+            "--watch",
+            "--endpoint",
+            &format!("http://{}", s.control.grpc),
+        ])
+        .arg("--token-file")
+        .arg(&token_file)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watcher.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "synced");
+    let _ = watcher.kill();
+    let _ = watcher.wait();
     let (code, out, err) = cli(&s, &["policy"]);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.starts_with("policy version "), "{out}");
