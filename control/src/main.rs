@@ -3,6 +3,7 @@
 mod approvals;
 mod cli;
 mod client;
+mod rules;
 mod serve;
 mod service;
 mod state;

@@ -65,7 +65,30 @@ pub async fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let state = match ControlState::new(&config, instance_id()) {
+    let rules_path = match args
+        .policy
+        .rules
+        .clone()
+        .map(Ok)
+        .unwrap_or_else(|| config.rules_file())
+    {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    // A rules file that cannot be read or parsed is never ignored (network-rules.md §6.1).
+    let rules = match crate::rules::load(&rules_path) {
+        Ok(r) => r,
+        Err((code, msg)) => {
+            eprintln!("{msg}");
+            return ExitCode::from(code);
+        }
+    };
+    tracing::info!(path = %rules_path.display(), rules = rules.len(), "rules loaded");
+    let compiled = crate::rules::compile(&rules);
+    let state = match ControlState::new(&config, instance_id(), &compiled) {
         Ok(s) => Arc::new(s),
         Err(e) => {
             eprintln!("{e}");
@@ -97,6 +120,7 @@ pub async fn run(args: ServeArgs) -> ExitCode {
         state,
         approvals: approvals.clone(),
         ask_timeout,
+        rules: Arc::new(rules),
     };
     let auth = move |req: tonic::Request<()>| {
         let header = req

@@ -28,6 +28,8 @@ pub struct Services {
     pub approvals: Arc<Approvals>,
     /// `approvals.ask_timeout_secs` (or `--ask-timeout`).
     pub ask_timeout: Duration,
+    /// The rules file's rules, in file order.
+    pub rules: Arc<Vec<crate::rules::Rule>>,
 }
 
 /// `ask_` + 16 lowercase hex.
@@ -444,23 +446,7 @@ impl Control for Services {
             .session_id
             .unwrap_or_else(|| "default".into());
         let snapshot = self.state.snapshot_for(&session);
-        let mut entries = Vec::new();
-        for (decision, list) in [
-            ("allow", &snapshot.allowed_domains),
-            ("deny", &snapshot.denied_domains),
-        ] {
-            for pattern in list {
-                entries.push(v1::PolicyEntry {
-                    decision: decision.into(),
-                    pattern: pattern.clone(),
-                    port: 0,
-                    source: v1::PolicySource::Config as i32,
-                    rule_line: 0,
-                    ignored: false,
-                    ignored_reason: String::new(),
-                });
-            }
-        }
+        let entries = self.state.entries.clone();
         Ok(Response::new(v1::PolicyView {
             version: snapshot.version,
             control_instance_id: self.state.instance_id.clone(),
@@ -527,7 +513,29 @@ impl Control for Services {
         &self,
         _: Request<v1::ListRulesRequest>,
     ) -> Result<Response<v1::ListRulesResponse>, Status> {
-        unimplemented("ListRules")
+        // Effective = the last allow/deny line of its (host, port) key.
+        let rules = &self.rules;
+        let entries = rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let later = rules[i + 1..]
+                    .iter()
+                    .any(|o| o.decision != "prompt" && o.host == r.host && o.port == r.port);
+                v1::RuleEntry {
+                    line: r.line as u32,
+                    text: r.canonical(),
+                    host: r.host.clone(),
+                    protocol: r.protocol.clone(),
+                    decision: r.decision.clone(),
+                    port: r.port.map_or(0, u32::from),
+                    justification: r.justification.clone().unwrap_or_default(),
+                    effective: r.decision != "prompt" && !later,
+                    ignored_reason: String::new(),
+                }
+            })
+            .collect();
+        Ok(Response::new(v1::ListRulesResponse { rules: entries }))
     }
 
     async fn list_proxies(

@@ -39,20 +39,48 @@ pub struct ControlState {
     next_stream: std::sync::atomic::AtomicU64,
     /// Every Decision reported by attached proxies.
     pub decisions: broadcast::Sender<v1::Decision>,
+    /// The effective entries with their provenance (`GetPolicy`).
+    pub entries: Vec<v1::PolicyEntry>,
 }
 
 impl ControlState {
     /// Builds the state from a validated config (the policy keys become snapshot version 1).
-    pub fn new(config: &Config, instance_id: String) -> Result<ControlState, String> {
+    pub fn new(
+        config: &Config,
+        instance_id: String,
+        rules: &crate::rules::Compiled,
+    ) -> Result<ControlState, String> {
         let policy = CompiledPolicy::from_config(config).map_err(|e| e.to_string())?;
         let n = &config.network;
+        // Merge (control.md §8.1): config ∪ rules per list; deny wins at evaluation time.
+        let mut allowed = policy.allowed_patterns();
+        let mut denied = policy.denied_patterns();
+        for (host, _) in &rules.allowed {
+            if !allowed.contains(host) {
+                allowed.push(host.clone());
+            }
+        }
+        for (host, _) in &rules.denied {
+            if !denied.contains(host) {
+                denied.push(host.clone());
+            }
+        }
+        let port_rules = rules
+            .port_rules
+            .iter()
+            .map(|(host, port, allow, _)| v1::PortRule {
+                host: host.clone(),
+                port: u32::from(*port),
+                decision: if *allow { "allow" } else { "deny" }.into(),
+            })
+            .collect();
         let snapshot = v1::PolicySnapshot {
             control_instance_id: instance_id.clone(),
             version: 1,
             issued_at: Some(timestamp(SystemTime::now())),
-            allowed_domains: policy.allowed_patterns(),
-            denied_domains: policy.denied_patterns(),
-            port_rules: Vec::new(),
+            allowed_domains: allowed,
+            denied_domains: denied,
+            port_rules,
             allow_unix_sockets: n
                 .allow_unix_sockets
                 .iter()
@@ -78,7 +106,49 @@ impl ControlState {
         };
         let (decisions, _) =
             broadcast::channel(config.control.watch_buffer.clamp(1, 1 << 20) as usize);
+        let provenance = policy
+            .allowed_patterns()
+            .into_iter()
+            .map(|p| ("allow", p, 0u32, v1::PolicySource::Config, 0usize))
+            .chain(
+                policy
+                    .denied_patterns()
+                    .into_iter()
+                    .map(|p| ("deny", p, 0, v1::PolicySource::Config, 0)),
+            )
+            .chain(
+                rules
+                    .allowed
+                    .iter()
+                    .map(|(h, l)| ("allow", h.clone(), 0, v1::PolicySource::Rules, *l)),
+            )
+            .chain(
+                rules
+                    .denied
+                    .iter()
+                    .map(|(h, l)| ("deny", h.clone(), 0, v1::PolicySource::Rules, *l)),
+            )
+            .chain(rules.port_rules.iter().map(|(h, p, allow, l)| {
+                (
+                    if *allow { "allow" } else { "deny" },
+                    h.clone(),
+                    u32::from(*p),
+                    v1::PolicySource::Rules,
+                    *l,
+                )
+            }))
+            .map(|(decision, pattern, port, source, line)| v1::PolicyEntry {
+                decision: decision.into(),
+                pattern,
+                port,
+                source: source as i32,
+                rule_line: line as u32,
+                ignored: false,
+                ignored_reason: String::new(),
+            })
+            .collect();
         Ok(ControlState {
+            entries: provenance,
             instance_id,
             started_at: SystemTime::now(),
             snapshot: Mutex::new(snapshot),

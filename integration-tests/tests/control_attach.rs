@@ -36,6 +36,8 @@ fn start_control_at(config: &str, listen: &str, dir: tempfile::TempDir) -> Contr
     let mut child = Command::new(control_bin())
         .args(["serve", "--listen", listen, "--config"])
         .arg(&cfg)
+        .arg("--rules")
+        .arg(dir.path().join("portcullis.rules"))
         .arg("--token-file")
         .arg(&token_file)
         .env("NO_COLOR", "1")
@@ -726,4 +728,81 @@ fn watch_pending_lists_then_streams_created_and_resolved() {
     assert_eq!(r.outcome, v1::Outcome::AllowOnce as i32);
     assert_eq!(first.join().unwrap().status, 200);
     assert_eq!(second.join().unwrap().status, 200);
+}
+
+#[test]
+fn rules_file_is_enforced_listed_and_fail_closed() {
+    let origin = http_echo("127.0.0.1");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("portcullis.rules"),
+        format!(
+            "# written by hand\nnetwork_rule(host=\"127.0.0.1\", protocol=\"http\", decision=\"allow\", port={})\nnetwork_rule(host=\"bad.test\", protocol=\"https\", decision=\"forbidden\")\n",
+            origin.port()
+        ),
+    )
+    .unwrap();
+    let control = start_control_at("[approvals]\nenabled = false\n", "127.0.0.1:0", dir);
+    let token_file = control.dir.path().join("control.token");
+    let proxy = ProxyProcess::start(
+        &[
+            "--control",
+            &format!("http://{}", control.grpc),
+            "--control-token-file",
+            token_file.to_str().unwrap(),
+        ],
+        None,
+    );
+    let px = proxy.http_url();
+    assert_eq!(
+        curl(&["-x", &px, &format!("http://127.0.0.1:{}/", origin.port())]).status,
+        200
+    );
+    let r = curl(&["-x", &px, "http://bad.test/"]);
+    assert!(r.text().contains(r#""reason":"denied""#), "{}", r.text());
+    let rules = runtime().block_on(async {
+        let mut c = client(&control, Some(&control.token)).await;
+        c.list_rules(v1::ListRulesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .rules
+    });
+    assert_eq!(rules.len(), 2);
+    assert_eq!(rules[1].line, 3);
+    assert_eq!(
+        rules[1].text,
+        r#"network_rule(host="bad.test", protocol="https", decision="deny")"#
+    );
+    assert!(rules.iter().all(|r| r.effective));
+
+    // A corrupt file refuses to start with its position; an unreadable one with exit 1.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.rules");
+    std::fs::write(&bad, "# ok\n\nnetwork_rule(host=\"a\", protocl=\"http\")\n").unwrap();
+    let out = Command::new(control_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--token-file"])
+        .arg(dir.path().join("t"))
+        .arg("--rules")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}:3:24: unknown argument \"protocl\"",
+            bad.display()
+        )),
+        "{err}"
+    );
+    let out = Command::new(control_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--token-file"])
+        .arg(dir.path().join("t"))
+        .arg("--rules")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read rules file"));
 }
