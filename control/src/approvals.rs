@@ -225,6 +225,24 @@ impl Approvals {
         v
     }
 
+    /// The pending ask `id` (not removed), or the same errors `resolve` would give.
+    pub fn get(&self, id: &str) -> Result<v1::PendingAsk, Status> {
+        let inner = self
+            .inner
+            .lock()
+            .map_err(|_| Status::internal("approvals state poisoned"))?;
+        if let Some(p) = inner.pending.get(id) {
+            return Ok(p.ask.clone());
+        }
+        match inner.ended.iter().find(|e| e.id == id) {
+            Some(e) => Err(Status::failed_precondition(format!(
+                "ask {id} is no longer pending: {}",
+                e.summary
+            ))),
+            None => Err(Status::not_found(format!("pending_id: no ask {id}"))),
+        }
+    }
+
     fn take(&self, id: &str) -> Result<Pending, Status> {
         let mut inner = self
             .inner

@@ -120,7 +120,8 @@ pub async fn run(args: ServeArgs) -> ExitCode {
         state,
         approvals: approvals.clone(),
         ask_timeout,
-        rules: Arc::new(rules),
+        rules: Arc::new(std::sync::Mutex::new(rules)),
+        rules_path,
     };
     let auth = move |req: tonic::Request<()>| {
         let header = req

@@ -28,8 +28,95 @@ pub struct Services {
     pub approvals: Arc<Approvals>,
     /// `approvals.ask_timeout_secs` (or `--ask-timeout`).
     pub ask_timeout: Duration,
-    /// The rules file's rules, in file order.
-    pub rules: Arc<Vec<crate::rules::Rule>>,
+    /// The rules file's rules, in file order (the parsed content of the last write).
+    pub rules: Arc<std::sync::Mutex<Vec<crate::rules::Rule>>>,
+    /// The rules file.
+    pub rules_path: std::path::PathBuf,
+}
+
+/// The rule protocol of an ask's protocol label (network-rules.md §5.1).
+fn rule_protocol(label: &str) -> &str {
+    match label {
+        "https_connect" => "https",
+        other => other,
+    }
+}
+
+/// Validates AddRule arguments with the rules file's checks (same messages, no position).
+fn rule_from_request(r: &v1::AddRuleRequest) -> Result<crate::rules::Rule, Status> {
+    let bad = |m: String| Status::invalid_argument(m);
+    let host = crate::rules::host::parse_host(&r.host).map_err(|m| bad(format!("host: {m}")))?;
+    let protocol = match r.protocol.as_str() {
+        "http" => "http",
+        "https" | "https_connect" | "http-connect" => "https",
+        "socks5_tcp" => "socks5_tcp",
+        "socks5_udp" => "socks5_udp",
+        other => {
+            return Err(bad(format!(
+                "protocol: protocol must be one of http, https, socks5_tcp, socks5_udp (got \"{other}\")"
+            )));
+        }
+    };
+    let decision = match r.decision.as_str() {
+        "allow" => "allow",
+        "deny" | "forbidden" => "deny",
+        "prompt" => return Err(bad("decision: prompt rules are parse-only".into())),
+        other => {
+            return Err(bad(format!(
+                "decision: decision must be one of allow, deny, prompt (got \"{other}\")"
+            )));
+        }
+    };
+    let port = match r.port {
+        0 => None,
+        p @ 1..=65535 => Some(p as u16),
+        _ => return Err(bad("port: must be between 1 and 65535".into())),
+    };
+    let port = match (host.port, port) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(bad(format!("port: host port :{a} conflicts with port={b}")));
+        }
+        (a, b) => a.or(b),
+    };
+    if let Some(j) = &r.justification
+        && (j.trim().is_empty() || j.chars().any(char::is_control) || j.chars().count() > 1024)
+    {
+        return Err(bad(
+            "justification: must be 1-1024 characters, not blank, without control characters"
+                .into(),
+        ));
+    }
+    Ok(crate::rules::Rule {
+        line: 0,
+        host: host.host,
+        protocol: protocol.into(),
+        decision: decision.into(),
+        port,
+        justification: r.justification.clone(),
+    })
+}
+
+impl Services {
+    /// Appends a rule under the file lock; on success the new rules are enforced and pushed.
+    async fn persist(
+        &self,
+        rule: crate::rules::Rule,
+    ) -> Result<(bool, u64, Vec<crate::rules::Rule>), String> {
+        let path = self.rules_path.clone();
+        let (added, rules) =
+            tokio::task::spawn_blocking(move || crate::rules::store::append(&path, &rule))
+                .await
+                .map_err(|e| format!("rules writer failed: {e}"))??;
+        let version = if added {
+            self.state.set_rules(&crate::rules::compile(&rules)).await
+        } else {
+            self.state.version()
+        };
+        if let Ok(mut r) = self.rules.lock() {
+            r.clone_from(&rules);
+        }
+        Ok((added, version, rules))
+    }
 }
 
 /// `ask_` + 16 lowercase hex.
@@ -258,12 +345,6 @@ impl DataPlane for Services {
     }
 }
 
-fn unimplemented<T>(what: &str) -> Result<T, Status> {
-    Err(Status::unimplemented(format!(
-        "{what} is not implemented yet"
-    )))
-}
-
 #[tonic::async_trait]
 impl Control for Services {
     async fn approve(
@@ -280,23 +361,48 @@ impl Control for Services {
         let (outcome, persist_failed) = match v1::ApprovalScope::try_from(r.scope) {
             Ok(v1::ApprovalScope::Once) => (v1::Outcome::AllowOnce, false),
             Ok(v1::ApprovalScope::Session) => (v1::Outcome::AllowSession, false),
-            // Rules persistence is not in yet: applied in memory only, as control.md §4 says.
-            Ok(v1::ApprovalScope::Always) => (v1::Outcome::AllowSession, true),
+            Ok(v1::ApprovalScope::Always) => {
+                // Persist first: the new snapshot reaches the proxies before the answer.
+                let ask = self.approvals.get(&r.pending_id)?;
+                let rule = crate::rules::Rule {
+                    line: 0,
+                    host: ask.host.clone(),
+                    protocol: rule_protocol(&ask.protocol).into(),
+                    decision: "allow".into(),
+                    port: u16::try_from(ask.port).ok(),
+                    justification: Some(r.justification.clone().unwrap_or_else(|| {
+                        format!(
+                            "Allow {} access to {}:{} (ask {}, by {actor})",
+                            ask.protocol, ask.host, ask.port, ask.id
+                        )
+                    })),
+                };
+                match self.persist(rule).await {
+                    Ok(_) => (v1::Outcome::AllowAlways, false),
+                    Err(e) => {
+                        tracing::error!("could not persist rule: {e}");
+                        (v1::Outcome::AllowSession, true)
+                    }
+                }
+            }
             _ => {
                 return Err(Status::invalid_argument(
                     "scope: must be ONCE, SESSION or ALWAYS",
                 ));
             }
         };
-        let (ask, policy_version) = self
+        let (ask, mut policy_version) = self
             .approvals
             .resolve(&self.state, &r.pending_id, outcome, &actor)
             .await?;
+        if outcome == v1::Outcome::AllowAlways {
+            policy_version = self.state.version();
+        }
         if persist_failed {
-            tracing::error!(ask = %ask.id, "could not persist rule: rules persistence is not available yet");
-            return Err(Status::internal(
-                "could not persist rule: rules persistence is not available yet; applied as allow_session only",
-            ));
+            return Err(Status::internal(format!(
+                "could not persist rule for ask {}; applied as allow_session only",
+                ask.id
+            )));
         }
         Ok(Response::new(v1::ApproveResponse {
             ask: Some(ask),
@@ -318,25 +424,52 @@ impl Control for Services {
             ));
         }
         let actor = actor_of(r.actor)?;
-        let persist_failed = match v1::ApprovalScope::try_from(r.scope) {
-            Ok(v1::ApprovalScope::Once) => false,
-            Ok(v1::ApprovalScope::Always) => true,
+        let (outcome, persist_failed) = match v1::ApprovalScope::try_from(r.scope) {
+            Ok(v1::ApprovalScope::Once) => (v1::Outcome::DenyOnce, false),
+            Ok(v1::ApprovalScope::Always) => {
+                let ask = self.approvals.get(&r.pending_id)?;
+                // A host-level deny (all ports).
+                let rule = crate::rules::Rule {
+                    line: 0,
+                    host: ask.host.clone(),
+                    protocol: rule_protocol(&ask.protocol).into(),
+                    decision: "deny".into(),
+                    port: None,
+                    justification: Some(r.justification.clone().unwrap_or_else(|| {
+                        format!(
+                            "Deny {} access to {}:{} (ask {}, by {actor})",
+                            ask.protocol, ask.host, ask.port, ask.id
+                        )
+                    })),
+                };
+                match self.persist(rule).await {
+                    Ok(_) => (v1::Outcome::DenyAlways, false),
+                    Err(e) => {
+                        tracing::error!("could not persist rule: {e}");
+                        (v1::Outcome::DenyOnce, true)
+                    }
+                }
+            }
             _ => return Err(Status::invalid_argument("scope: must be ONCE or ALWAYS")),
         };
-        let outcome = v1::Outcome::DenyOnce;
         let (ask, _) = self
             .approvals
             .resolve(&self.state, &r.pending_id, outcome, &actor)
             .await?;
         if persist_failed {
-            return Err(Status::internal(
-                "could not persist rule: rules persistence is not available yet; applied as deny_once only",
-            ));
+            return Err(Status::internal(format!(
+                "could not persist rule for ask {}; applied as deny_once only",
+                ask.id
+            )));
         }
         Ok(Response::new(v1::DenyResponse {
             ask: Some(ask),
             outcome: outcome as i32,
-            policy_version: 0,
+            policy_version: if outcome == v1::Outcome::DenyAlways {
+                self.state.version()
+            } else {
+                0
+            },
             enforced: false,
             lagging_proxies: Vec::new(),
         }))
@@ -446,7 +579,7 @@ impl Control for Services {
             .session_id
             .unwrap_or_else(|| "default".into());
         let snapshot = self.state.snapshot_for(&session);
-        let entries = self.state.entries.clone();
+        let entries = self.state.entries();
         Ok(Response::new(v1::PolicyView {
             version: snapshot.version,
             control_instance_id: self.state.instance_id.clone(),
@@ -497,16 +630,77 @@ impl Control for Services {
 
     async fn add_rule(
         &self,
-        _: Request<v1::AddRuleRequest>,
+        request: Request<v1::AddRuleRequest>,
     ) -> Result<Response<v1::AddRuleResponse>, Status> {
-        unimplemented("AddRule")
+        let rule = rule_from_request(&request.into_inner())?;
+        let line = rule.canonical();
+        let (added, version, rules) = self
+            .persist(rule)
+            .await
+            .map_err(Status::failed_precondition)?;
+        let entry = rules
+            .iter()
+            .find(|r| r.canonical() == line)
+            .map(|r| v1::RuleEntry {
+                line: r.line as u32,
+                text: line.clone(),
+                host: r.host.clone(),
+                protocol: r.protocol.clone(),
+                decision: r.decision.clone(),
+                port: r.port.map_or(0, u32::from),
+                justification: r.justification.clone().unwrap_or_default(),
+                effective: true,
+                ignored_reason: String::new(),
+            });
+        Ok(Response::new(v1::AddRuleResponse {
+            rule: entry,
+            added,
+            policy_version: version,
+            enforced: false,
+            lagging_proxies: Vec::new(),
+        }))
     }
 
     async fn remove_rule(
         &self,
-        _: Request<v1::RemoveRuleRequest>,
+        request: Request<v1::RemoveRuleRequest>,
     ) -> Result<Response<v1::RemoveRuleResponse>, Status> {
-        unimplemented("RemoveRule")
+        let r = request.into_inner();
+        let host = crate::rules::host::parse_host(&r.host)
+            .map_err(|m| Status::invalid_argument(format!("host: {m}")))?;
+        let port = match r.port {
+            0 => host.port,
+            p @ 1..=65535 => Some(p as u16),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "port: must be between 1 and 65535",
+                ));
+            }
+        };
+        let path = self.rules_path.clone();
+        let name = host.host.clone();
+        let (removed, rules) =
+            tokio::task::spawn_blocking(move || crate::rules::store::remove(&path, &name, port))
+                .await
+                .map_err(|e| Status::internal(format!("rules writer failed: {e}")))?
+                .map_err(Status::failed_precondition)?;
+        if removed == 0 {
+            return Err(Status::not_found(format!(
+                "no rule for {}{}",
+                host.host,
+                port.map(|p| format!(":{p}")).unwrap_or_default()
+            )));
+        }
+        let version = self.state.set_rules(&crate::rules::compile(&rules)).await;
+        if let Ok(mut cur) = self.rules.lock() {
+            *cur = rules;
+        }
+        Ok(Response::new(v1::RemoveRuleResponse {
+            removed: removed as u32,
+            policy_version: version,
+            enforced: false,
+            lagging_proxies: Vec::new(),
+        }))
     }
 
     async fn list_rules(
@@ -514,7 +708,7 @@ impl Control for Services {
         _: Request<v1::ListRulesRequest>,
     ) -> Result<Response<v1::ListRulesResponse>, Status> {
         // Effective = the last allow/deny line of its (host, port) key.
-        let rules = &self.rules;
+        let rules = self.rules.lock().map(|r| r.clone()).unwrap_or_default();
         let entries = rules
             .iter()
             .enumerate()

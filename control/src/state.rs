@@ -40,7 +40,87 @@ pub struct ControlState {
     /// Every Decision reported by attached proxies.
     pub decisions: broadcast::Sender<v1::Decision>,
     /// The effective entries with their provenance (`GetPolicy`).
-    pub entries: Vec<v1::PolicyEntry>,
+    entries: Mutex<Vec<v1::PolicyEntry>>,
+    config_allowed: Vec<String>,
+    config_denied: Vec<String>,
+}
+
+/// The policy lists after merging config and rules (control.md §8.1).
+struct Merged {
+    allowed: Vec<String>,
+    denied: Vec<String>,
+    port_rules: Vec<v1::PortRule>,
+    entries: Vec<v1::PolicyEntry>,
+}
+
+fn entry(
+    decision: &str,
+    pattern: &str,
+    port: u32,
+    source: v1::PolicySource,
+    line: usize,
+) -> v1::PolicyEntry {
+    v1::PolicyEntry {
+        decision: decision.into(),
+        pattern: pattern.into(),
+        port,
+        source: source as i32,
+        rule_line: line as u32,
+        ignored: false,
+        ignored_reason: String::new(),
+    }
+}
+
+/// Config ∪ rules per list (deny wins at evaluation time); entries keep their provenance.
+fn merge(
+    config_allowed: &[String],
+    config_denied: &[String],
+    rules: &crate::rules::Compiled,
+) -> Merged {
+    let mut m = Merged {
+        allowed: config_allowed.to_vec(),
+        denied: config_denied.to_vec(),
+        port_rules: Vec::new(),
+        entries: Vec::new(),
+    };
+    for p in config_allowed {
+        m.entries
+            .push(entry("allow", p, 0, v1::PolicySource::Config, 0));
+    }
+    for p in config_denied {
+        m.entries
+            .push(entry("deny", p, 0, v1::PolicySource::Config, 0));
+    }
+    for (host, line) in &rules.allowed {
+        if !m.allowed.contains(host) {
+            m.allowed.push(host.clone());
+        }
+        m.entries
+            .push(entry("allow", host, 0, v1::PolicySource::Rules, *line));
+    }
+    for (host, line) in &rules.denied {
+        if !m.denied.contains(host) {
+            m.denied.push(host.clone());
+        }
+        m.entries
+            .push(entry("deny", host, 0, v1::PolicySource::Rules, *line));
+    }
+    for (host, port, allow, line) in &rules.port_rules {
+        let decision = if *allow { "allow" } else { "deny" };
+        m.port_rules.push(v1::PortRule {
+            host: host.clone(),
+            port: u32::from(*port),
+            decision: decision.into(),
+        });
+        m.entries.push(entry(
+            decision,
+            host,
+            u32::from(*port),
+            v1::PolicySource::Rules,
+            *line,
+        ));
+    }
+    m
 }
 
 impl ControlState {
@@ -52,35 +132,16 @@ impl ControlState {
     ) -> Result<ControlState, String> {
         let policy = CompiledPolicy::from_config(config).map_err(|e| e.to_string())?;
         let n = &config.network;
-        // Merge (control.md §8.1): config ∪ rules per list; deny wins at evaluation time.
-        let mut allowed = policy.allowed_patterns();
-        let mut denied = policy.denied_patterns();
-        for (host, _) in &rules.allowed {
-            if !allowed.contains(host) {
-                allowed.push(host.clone());
-            }
-        }
-        for (host, _) in &rules.denied {
-            if !denied.contains(host) {
-                denied.push(host.clone());
-            }
-        }
-        let port_rules = rules
-            .port_rules
-            .iter()
-            .map(|(host, port, allow, _)| v1::PortRule {
-                host: host.clone(),
-                port: u32::from(*port),
-                decision: if *allow { "allow" } else { "deny" }.into(),
-            })
-            .collect();
+        let config_allowed = policy.allowed_patterns();
+        let config_denied = policy.denied_patterns();
+        let merged = merge(&config_allowed, &config_denied, rules);
         let snapshot = v1::PolicySnapshot {
             control_instance_id: instance_id.clone(),
             version: 1,
             issued_at: Some(timestamp(SystemTime::now())),
-            allowed_domains: allowed,
-            denied_domains: denied,
-            port_rules,
+            allowed_domains: merged.allowed,
+            denied_domains: merged.denied,
+            port_rules: merged.port_rules,
             allow_unix_sockets: n
                 .allow_unix_sockets
                 .iter()
@@ -106,49 +167,10 @@ impl ControlState {
         };
         let (decisions, _) =
             broadcast::channel(config.control.watch_buffer.clamp(1, 1 << 20) as usize);
-        let provenance = policy
-            .allowed_patterns()
-            .into_iter()
-            .map(|p| ("allow", p, 0u32, v1::PolicySource::Config, 0usize))
-            .chain(
-                policy
-                    .denied_patterns()
-                    .into_iter()
-                    .map(|p| ("deny", p, 0, v1::PolicySource::Config, 0)),
-            )
-            .chain(
-                rules
-                    .allowed
-                    .iter()
-                    .map(|(h, l)| ("allow", h.clone(), 0, v1::PolicySource::Rules, *l)),
-            )
-            .chain(
-                rules
-                    .denied
-                    .iter()
-                    .map(|(h, l)| ("deny", h.clone(), 0, v1::PolicySource::Rules, *l)),
-            )
-            .chain(rules.port_rules.iter().map(|(h, p, allow, l)| {
-                (
-                    if *allow { "allow" } else { "deny" },
-                    h.clone(),
-                    u32::from(*p),
-                    v1::PolicySource::Rules,
-                    *l,
-                )
-            }))
-            .map(|(decision, pattern, port, source, line)| v1::PolicyEntry {
-                decision: decision.into(),
-                pattern,
-                port,
-                source: source as i32,
-                rule_line: line as u32,
-                ignored: false,
-                ignored_reason: String::new(),
-            })
-            .collect();
         Ok(ControlState {
-            entries: provenance,
+            entries: Mutex::new(merged.entries),
+            config_allowed,
+            config_denied,
             instance_id,
             started_at: SystemTime::now(),
             snapshot: Mutex::new(snapshot),
@@ -260,6 +282,26 @@ impl ControlState {
                 .await;
         }
         version
+    }
+
+    /// The effective entries with provenance.
+    pub fn entries(&self) -> Vec<v1::PolicyEntry> {
+        self.entries.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+
+    /// New rules file content: recompute the lists, take the next version and push it to every
+    /// attached proxy. Returns the new version.
+    pub async fn set_rules(&self, rules: &crate::rules::Compiled) -> u64 {
+        let m = merge(&self.config_allowed, &self.config_denied, rules);
+        if let Ok(mut s) = self.snapshot.lock() {
+            s.allowed_domains = m.allowed;
+            s.denied_domains = m.denied;
+            s.port_rules = m.port_rules;
+        }
+        if let Ok(mut e) = self.entries.lock() {
+            *e = m.entries;
+        }
+        self.bump_and_push(None).await
     }
 
     /// Current policy version.

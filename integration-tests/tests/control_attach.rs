@@ -806,3 +806,123 @@ fn rules_file_is_enforced_listed_and_fail_closed() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read rules file"));
 }
+
+#[test]
+fn always_answers_and_add_remove_rule_persist_and_push() {
+    let s = ask_setup(60);
+    let rules_path = s.control.dir.path().join("portcullis.rules");
+    let h = held_curl(&s, "app.test");
+    let id = wait_pending(&s, 1)[0].id.clone();
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = client(&s.control, Some(&s.control.token)).await;
+        let r = c
+            .approve(v1::ApproveRequest {
+                pending_id: id.clone(),
+                scope: v1::ApprovalScope::Always as i32,
+                ..Default::default()
+            })
+            .await
+            .expect("Approve always")
+            .into_inner();
+        assert_eq!(r.outcome, v1::Outcome::AllowAlways as i32);
+        assert!(r.policy_version > 1);
+    });
+    assert_eq!(h.join().unwrap().status, 200);
+    let text = std::fs::read_to_string(&rules_path).unwrap();
+    assert!(
+        text.contains(&format!(
+            r#"network_rule(host="app.test", protocol="http", decision="allow", port={}, justification="Allow http access to app.test:{} (ask {id}, by api)")"#,
+            s.origin_port, s.origin_port
+        )),
+        "{text}"
+    );
+    // Enforced without a new ask.
+    assert_eq!(held_curl(&s, "app.test").join().unwrap().status, 200);
+
+    // AddRule deny wins over the allow; RemoveRule takes it back.
+    rt.block_on(async {
+        let mut c = client(&s.control, Some(&s.control.token)).await;
+        let r = c
+            .add_rule(v1::AddRuleRequest {
+                host: "App.Test.".into(),
+                protocol: "https".into(),
+                decision: "forbidden".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("AddRule")
+            .into_inner();
+        assert!(r.added);
+        assert_eq!(
+            r.rule.unwrap().text,
+            r#"network_rule(host="app.test", protocol="https", decision="deny")"#
+        );
+        let again = c
+            .add_rule(v1::AddRuleRequest {
+                host: "app.test".into(),
+                protocol: "https_connect".into(),
+                decision: "deny".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!again.added, "identical line is not duplicated");
+        let e = c
+            .add_rule(v1::AddRuleRequest {
+                host: "*.x.test".into(),
+                protocol: "https".into(),
+                decision: "allow".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    });
+    // The push reaches the proxy (poll briefly: the snapshot is applied asynchronously).
+    let mut denied = false;
+    for _ in 0..100 {
+        let r = held_curl(&s, "app.test").join().unwrap();
+        if r.status == 403 && r.text().contains(r#""reason":"denied""#) {
+            denied = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(denied, "AddRule deny pushed and enforced");
+    rt.block_on(async {
+        let mut c = client(&s.control, Some(&s.control.token)).await;
+        let r = c
+            .remove_rule(v1::RemoveRuleRequest {
+                host: "app.test".into(),
+                port: 0,
+                ..Default::default()
+            })
+            .await
+            .expect("RemoveRule")
+            .into_inner();
+        assert_eq!(r.removed, 1);
+        let e = c
+            .remove_rule(v1::RemoveRuleRequest {
+                host: "app.test".into(),
+                port: 0,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound);
+    });
+    let mut allowed = false;
+    for _ in 0..100 {
+        if held_curl(&s, "app.test").join().unwrap().status == 200 {
+            allowed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        allowed,
+        "the port-scoped allow applies again after RemoveRule"
+    );
+}

@@ -4,6 +4,7 @@
 pub mod compile;
 pub mod host;
 pub mod parse;
+pub mod store;
 
 pub use compile::{Compiled, compile};
 pub use parse::{Rule, parse_file};
