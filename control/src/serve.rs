@@ -184,7 +184,30 @@ pub async fn run(args: ServeArgs) -> ExitCode {
     println!("{{\"event\":\"ready\",\"component\":\"control\",\"grpc\":\"{bound}\"}}");
     tracing::info!(grpc = %bound, "portcullis-control ready");
     let serving = tokio::spawn(server);
-    signals.wait().await;
+    // Rules edited by hand are picked up within 2 s (inode, size, mtime) and on SIGHUP.
+    let watcher = {
+        let services = services.clone();
+        tokio::spawn(async move {
+            let stamp = |p: &std::path::Path| {
+                std::fs::metadata(p).ok().map(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    (m.ino(), m.size(), m.mtime(), m.mtime_nsec())
+                })
+            };
+            let mut last = stamp(&services.rules_path);
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                tick.tick().await;
+                let now = stamp(&services.rules_path);
+                if now != last {
+                    last = now;
+                    services.reload_rules().await;
+                }
+            }
+        })
+    };
+    signals.wait(&services).await;
+    watcher.abort();
     tracing::info!("shutting down");
     for name in HEALTH_NAMES {
         health_reporter
@@ -234,6 +257,7 @@ fn uuid_hex() -> String {
 struct Signals {
     int: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -242,13 +266,18 @@ impl Signals {
         Ok(Signals {
             int: signal(SignalKind::interrupt())?,
             term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
-    async fn wait(mut self) {
-        tokio::select! {
-            _ = self.int.recv() => {}
-            _ = self.term.recv() => {}
+    /// Waits for SIGINT/SIGTERM; SIGHUP re-reads the rules file meanwhile.
+    async fn wait(mut self, services: &Services) {
+        loop {
+            tokio::select! {
+                _ = self.int.recv() => return,
+                _ = self.term.recv() => return,
+                _ = self.hup.recv() => services.reload_rules().await,
+            }
         }
     }
 }

@@ -97,6 +97,29 @@ fn rule_from_request(r: &v1::AddRuleRequest) -> Result<crate::rules::Rule, Statu
 }
 
 impl Services {
+    /// Re-reads the rules file (SIGHUP, or a change seen on disk). A bad file keeps the last
+    /// good rules in force and logs the position (network-rules.md §6.2).
+    pub async fn reload_rules(&self) {
+        let path = self.rules_path.clone();
+        let loaded = tokio::task::spawn_blocking(move || crate::rules::load(&path)).await;
+        match loaded {
+            Ok(Ok(rules)) => {
+                let changed = self.rules.lock().map(|cur| *cur != rules).unwrap_or(true);
+                if changed {
+                    let version = self.state.set_rules(&crate::rules::compile(&rules)).await;
+                    tracing::info!(rules = rules.len(), version, "rules file reloaded");
+                    if let Ok(mut cur) = self.rules.lock() {
+                        *cur = rules;
+                    }
+                }
+            }
+            Ok(Err((_, msg))) => {
+                tracing::error!("rules file not reloaded, keeping the last good rules: {msg}")
+            }
+            Err(e) => tracing::error!("rules reload failed: {e}"),
+        }
+    }
+
     /// Appends a rule under the file lock; on success the new rules are enforced and pushed.
     async fn persist(
         &self,

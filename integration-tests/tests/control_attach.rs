@@ -776,6 +776,34 @@ fn rules_file_is_enforced_listed_and_fail_closed() {
     );
     assert!(rules.iter().all(|r| r.effective));
 
+    // An external edit is picked up and pushed; an invalid one keeps the last good rules.
+    let path = control.dir.path().join("portcullis.rules");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str("network_rule(host=\"127.0.0.1\", protocol=\"http\", decision=\"deny\")\n");
+    std::fs::write(&path, &text).unwrap();
+    let url = format!("http://127.0.0.1:{}/", origin.port());
+    let mut denied = false;
+    for _ in 0..100 {
+        if curl(&["-x", &px, &url])
+            .text()
+            .contains(r#""reason":"denied""#)
+        {
+            denied = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(denied, "external edit reloaded and enforced");
+    std::fs::write(&path, "network_rule(oops\n").unwrap();
+    unsafe { libc::kill(control.child.id() as i32, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        curl(&["-x", &px, &url])
+            .text()
+            .contains(r#""reason":"denied""#),
+        "last good rules stay"
+    );
+
     // A corrupt file refuses to start with its position; an unreadable one with exit 1.
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.rules");
