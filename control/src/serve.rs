@@ -122,6 +122,7 @@ pub async fn run(args: ServeArgs) -> ExitCode {
         ask_timeout,
         rules: Arc::new(std::sync::Mutex::new(rules)),
         rules_path,
+        max_session_allows: config.approvals.max_session_allows as usize,
     };
     let auth = move |req: tonic::Request<()>| {
         let header = req

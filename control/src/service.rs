@@ -32,6 +32,8 @@ pub struct Services {
     pub rules: Arc<std::sync::Mutex<Vec<crate::rules::Rule>>>,
     /// The rules file.
     pub rules_path: std::path::PathBuf,
+    /// `approvals.max_session_allows`.
+    pub max_session_allows: usize,
 }
 
 /// The rule protocol of an ask's protocol label (network-rules.md §5.1).
@@ -383,7 +385,17 @@ impl Control for Services {
         let actor = actor_of(r.actor)?;
         let (outcome, persist_failed) = match v1::ApprovalScope::try_from(r.scope) {
             Ok(v1::ApprovalScope::Once) => (v1::Outcome::AllowOnce, false),
-            Ok(v1::ApprovalScope::Session) => (v1::Outcome::AllowSession, false),
+            Ok(v1::ApprovalScope::Session) => {
+                let ask = self.approvals.get(&r.pending_id)?;
+                if self.state.session_allow_count(&ask.session_id) >= self.max_session_allows {
+                    // The ask stays pending (control.md §7.12).
+                    return Err(Status::resource_exhausted(format!(
+                        "session {} already has {} session allows (approvals.max_session_allows)",
+                        ask.session_id, self.max_session_allows
+                    )));
+                }
+                (v1::Outcome::AllowSession, false)
+            }
             Ok(v1::ApprovalScope::Always) => {
                 // Persist first: the new snapshot reaches the proxies before the answer.
                 let ask = self.approvals.get(&r.pending_id)?;
@@ -795,6 +807,8 @@ impl Control for Services {
             }),
             attached_proxies: self.state.proxies().len() as u32,
             pending_asks: self.approvals.list(None).len() as u32,
+            rules_path: self.rules_path.display().to_string(),
+            rules_count: self.rules.lock().map(|r| r.len() as u32).unwrap_or(0),
             ..Default::default()
         }))
     }

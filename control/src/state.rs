@@ -225,6 +225,14 @@ impl ControlState {
         Some(self.bump_and_push(Some(session)).await)
     }
 
+    /// How many session allows `session` has.
+    pub fn session_allow_count(&self, session: &str) -> usize {
+        self.session_allows
+            .lock()
+            .map(|m| m.get(session).map_or(0, |s| s.len()))
+            .unwrap_or(0)
+    }
+
     /// Removes every session allow of `session`; returns how many and the new version (if any
     /// changed).
     pub async fn end_session(&self, session: &str) -> (usize, Option<u64>) {

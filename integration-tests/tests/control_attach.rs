@@ -275,13 +275,17 @@ struct AskSetup {
 }
 
 fn ask_setup(timeout_secs: u64) -> AskSetup {
+    ask_setup_with(timeout_secs, "")
+}
+
+fn ask_setup_with(timeout_secs: u64, approvals_extra: &str) -> AskSetup {
     let origin = http_echo("127.0.0.1");
     let dns = portcullis_integration_tests::DnsServer::start();
     for name in ["app.test", "other.test", "twice.test", "slow.test"] {
         dns.set(name, &["127.0.0.1".parse().unwrap()]);
     }
     let control = start_control(&format!(
-        "[network]\nallow_local_binding = true\n[approvals]\nask_timeout_secs = {timeout_secs}\n"
+        "[network]\nallow_local_binding = true\n[approvals]\nask_timeout_secs = {timeout_secs}\n{approvals_extra}"
     ));
     let token_file = control.dir.path().join("control.token");
     let proxy = ProxyProcess::start(
@@ -953,4 +957,48 @@ fn always_answers_and_add_remove_rule_persist_and_push() {
         allowed,
         "the port-scoped allow applies again after RemoveRule"
     );
+}
+
+#[test]
+fn session_allows_are_capped_and_status_counts() {
+    let s = ask_setup_with(60, "max_session_allows = 1\n");
+    let rt = runtime();
+    let approve = |id: String| {
+        rt.block_on(async {
+            let mut c = client(&s.control, Some(&s.control.token)).await;
+            c.approve(v1::ApproveRequest {
+                pending_id: id,
+                scope: v1::ApprovalScope::Session as i32,
+                ..Default::default()
+            })
+            .await
+        })
+    };
+    let h = held_curl(&s, "app.test");
+    approve(wait_pending(&s, 1)[0].id.clone()).expect("first session allow");
+    assert_eq!(h.join().unwrap().status, 200);
+    let h = held_curl(&s, "other.test");
+    let id = wait_pending(&s, 1)[0].id.clone();
+    let e = approve(id.clone()).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    let status = rt.block_on(async {
+        let mut c = client(&s.control, Some(&s.control.token)).await;
+        c.get_status(v1::GetStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    assert_eq!(status.pending_asks, 1, "the ask stays pending");
+    assert_eq!(status.attached_proxies, 1);
+    rt.block_on(async {
+        let mut c = client(&s.control, Some(&s.control.token)).await;
+        c.approve(v1::ApproveRequest {
+            pending_id: id,
+            scope: v1::ApprovalScope::Once as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("once still works");
+    });
+    assert_eq!(h.join().unwrap().status, 200);
 }
