@@ -36,6 +36,44 @@ pub struct Services {
     pub max_session_allows: usize,
 }
 
+fn check_pending_id(id: &str) -> Result<(), Status> {
+    if valid_ask_id(id) {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(
+            "pending_id: must be ask_ followed by 16 lowercase hex digits",
+        ))
+    }
+}
+
+/// The rule an `always` answer writes (control.md §7.4): a port-scoped allow, or a host-level
+/// deny (all ports), with the default justification unless one was given.
+fn always_rule(
+    ask: &v1::PendingAsk,
+    allow: bool,
+    justification: Option<String>,
+    actor: &str,
+) -> crate::rules::Rule {
+    let verb = if allow { "Allow" } else { "Deny" };
+    crate::rules::Rule {
+        line: 0,
+        host: ask.host.clone(),
+        protocol: rule_protocol(&ask.protocol).into(),
+        decision: if allow { "allow" } else { "deny" }.into(),
+        port: if allow {
+            u16::try_from(ask.port).ok()
+        } else {
+            None
+        },
+        justification: Some(justification.unwrap_or_else(|| {
+            format!(
+                "{verb} {} access to {}:{} (ask {}, by {actor})",
+                ask.protocol, ask.host, ask.port, ask.id
+            )
+        })),
+    }
+}
+
 /// The rule protocol of an ask's protocol label (network-rules.md §5.1).
 fn rule_protocol(label: &str) -> &str {
     match label {
@@ -377,11 +415,7 @@ impl Control for Services {
         request: Request<v1::ApproveRequest>,
     ) -> Result<Response<v1::ApproveResponse>, Status> {
         let r = request.into_inner();
-        if !valid_ask_id(&r.pending_id) {
-            return Err(Status::invalid_argument(
-                "pending_id: must be ask_ followed by 16 lowercase hex digits",
-            ));
-        }
+        check_pending_id(&r.pending_id)?;
         let actor = actor_of(r.actor)?;
         let (outcome, persist_failed) = match v1::ApprovalScope::try_from(r.scope) {
             Ok(v1::ApprovalScope::Once) => (v1::Outcome::AllowOnce, false),
@@ -399,19 +433,7 @@ impl Control for Services {
             Ok(v1::ApprovalScope::Always) => {
                 // Persist first: the new snapshot reaches the proxies before the answer.
                 let ask = self.approvals.get(&r.pending_id)?;
-                let rule = crate::rules::Rule {
-                    line: 0,
-                    host: ask.host.clone(),
-                    protocol: rule_protocol(&ask.protocol).into(),
-                    decision: "allow".into(),
-                    port: u16::try_from(ask.port).ok(),
-                    justification: Some(r.justification.clone().unwrap_or_else(|| {
-                        format!(
-                            "Allow {} access to {}:{} (ask {}, by {actor})",
-                            ask.protocol, ask.host, ask.port, ask.id
-                        )
-                    })),
-                };
+                let rule = always_rule(&ask, true, r.justification.clone(), &actor);
                 match self.persist(rule).await {
                     Ok(_) => (v1::Outcome::AllowAlways, false),
                     Err(e) => {
@@ -453,30 +475,13 @@ impl Control for Services {
         request: Request<v1::DenyRequest>,
     ) -> Result<Response<v1::DenyResponse>, Status> {
         let r = request.into_inner();
-        if !valid_ask_id(&r.pending_id) {
-            return Err(Status::invalid_argument(
-                "pending_id: must be ask_ followed by 16 lowercase hex digits",
-            ));
-        }
+        check_pending_id(&r.pending_id)?;
         let actor = actor_of(r.actor)?;
         let (outcome, persist_failed) = match v1::ApprovalScope::try_from(r.scope) {
             Ok(v1::ApprovalScope::Once) => (v1::Outcome::DenyOnce, false),
             Ok(v1::ApprovalScope::Always) => {
                 let ask = self.approvals.get(&r.pending_id)?;
-                // A host-level deny (all ports).
-                let rule = crate::rules::Rule {
-                    line: 0,
-                    host: ask.host.clone(),
-                    protocol: rule_protocol(&ask.protocol).into(),
-                    decision: "deny".into(),
-                    port: None,
-                    justification: Some(r.justification.clone().unwrap_or_else(|| {
-                        format!(
-                            "Deny {} access to {}:{} (ask {}, by {actor})",
-                            ask.protocol, ask.host, ask.port, ask.id
-                        )
-                    })),
-                };
+                let rule = always_rule(&ask, false, r.justification.clone(), &actor);
                 match self.persist(rule).await {
                     Ok(_) => (v1::Outcome::DenyAlways, false),
                     Err(e) => {
