@@ -317,27 +317,12 @@ async fn forward(
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
     {
-        let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        let shared = ctx.shared.clone();
-        let guard = ctx.guard.clone();
-        tokio::spawn(async move {
-            let _guard = guard;
-            if let (Ok(c), Ok(u)) = tokio::join!(client_upgrade, upstream_upgrade) {
-                let mut c = TokioIo::new(c);
-                let mut u = TokioIo::new(u);
-                crate::tunnel_run::run(&shared, Protocol::UnixSocket, &mut c, &mut u).await;
-            }
-        });
-        let (mut parts, _) = resp.into_parts();
-        let up = parts.headers.get(header::UPGRADE).cloned();
-        headers::strip_response(&mut parts.headers);
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        if let Some(up) = up {
-            parts.headers.insert(header::UPGRADE, up);
-        }
-        return Response::from_parts(parts, respond::empty());
+        return crate::http::forward::switch_protocols(
+            &ctx,
+            resp,
+            client_upgrade,
+            Protocol::UnixSocket,
+        );
     }
     headers::strip_response(resp.headers_mut());
     resp.map(|b| b.boxed())

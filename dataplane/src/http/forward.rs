@@ -139,7 +139,7 @@ pub async fn handle(
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
-            return switch_protocols(ctx, resp, client_upgrade);
+            return switch_protocols(&ctx, resp, client_upgrade, Protocol::Http);
         }
     } else if poolable {
         // Keep the connection for the next request of this client.
@@ -204,33 +204,34 @@ fn build_upstream_request(
     Ok(Request::from_parts(parts, body))
 }
 
-/// `101` from the origin: answer the client with it and relay raw bytes both ways.
-fn switch_protocols(
-    ctx: Arc<ConnCtx>,
+/// `101` from the origin: answer the client with it (hop-by-hop headers stripped, the
+/// origin's `Upgrade` token kept) and relay raw bytes both ways through the shared relay.
+pub fn switch_protocols(
+    ctx: &ConnCtx,
     mut resp: Response<Incoming>,
     client_upgrade: hyper::upgrade::OnUpgrade,
+    protocol: Protocol,
 ) -> Response<Body> {
     let upstream_upgrade = hyper::upgrade::on(&mut resp);
     let shared = ctx.shared.clone();
     let guard = ctx.guard.clone();
     tokio::spawn(async move {
         let _guard = guard;
-        let (client, upstream) = match tokio::join!(client_upgrade, upstream_upgrade) {
-            (Ok(c), Ok(u)) => (c, u),
-            _ => return,
-        };
-        let mut client = TokioIo::new(client);
-        let mut upstream = TokioIo::new(upstream);
-        crate::tunnel_run::run(&shared, Protocol::Http, &mut client, &mut upstream).await;
+        if let (Ok(client), Ok(upstream)) = tokio::join!(client_upgrade, upstream_upgrade) {
+            let mut client = TokioIo::new(client);
+            let mut upstream = TokioIo::new(upstream);
+            crate::tunnel_run::run(&shared, protocol, &mut client, &mut upstream).await;
+        }
     });
     let (mut parts, _) = resp.into_parts();
+    let token = parts.headers.get(header::UPGRADE).cloned();
     headers::strip_response(&mut parts.headers);
     parts
         .headers
         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    parts
-        .headers
-        .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Some(token) = token {
+        parts.headers.insert(header::UPGRADE, token);
+    }
     Response::from_parts(parts, respond::empty())
 }
 

@@ -1,7 +1,7 @@
 //! HTTP/1.1 proxy listener: absolute-form requests, CONNECT, upgrades (`http.md`).
 
 mod connect;
-mod forward;
+pub mod forward;
 pub mod headers;
 pub mod respond;
 pub mod target;
