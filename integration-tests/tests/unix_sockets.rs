@@ -333,3 +333,64 @@ fn listeners_forced_to_loopback_when_sockets_allowed() {
     assert!(proxy.http.starts_with("127.0.0.1:"), "{}", proxy.http);
     assert!(proxy.socks5.as_deref().unwrap().starts_with("127.0.0.1:"));
 }
+
+#[test]
+fn upgrade_tcp_relays_bytes() {
+    use std::io::{Read, Write};
+    let dir = tempdir();
+    let sock = dir.path().join("up.sock");
+    let listener = {
+        let _g = runtime().enter();
+        UnixListener::bind(&sock).expect("bind")
+    };
+    let _task = runtime().spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        let Some((head, _)) = read_head(&mut s).await else {
+            return;
+        };
+        assert!(
+            head.headers
+                .iter()
+                .any(|(k, v)| k.eq_ignore_ascii_case("upgrade") && v == "tcp")
+        );
+        let _ = s
+            .write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n",
+            )
+            .await;
+        let mut buf = [0u8; 64];
+        for _ in 0..16 {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let _ = s.write_all(&buf[..n]).await;
+                }
+            }
+        }
+    });
+    let proxy = ProxyProcess::start(&[], Some(&config_allow(&sock)));
+    let mut s = std::net::TcpStream::connect(&proxy.http).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let req = format!(
+        "GET /attach HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: tcp\r\nx-unix-socket: {}\r\n\r\n",
+        sock.display()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: tcp"), "{head}");
+    s.write_all(b"ping").unwrap();
+    let mut got = [0u8; 4];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"ping");
+}
