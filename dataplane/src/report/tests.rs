@@ -970,6 +970,9 @@ fn violation_line_is_warn_on_policy_target() {
     let cap = Arc::new(Capture::default());
     let reporter = Reporter::new(10);
     let d = tracing::subscriber::with_default(Sub(cap.clone()), || {
+        // Other tests may have registered these callsites while no subscriber was set (their
+        // cached interest is "never"); recompute it now that this thread has one.
+        tracing::callsite::rebuild_interest_cache();
         reporter.report(decision(
             Verdict::Allow,
             Reason::Allow,
