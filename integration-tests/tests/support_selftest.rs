@@ -18,8 +18,7 @@ fn query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
 
 fn udp_ask(dns: &DnsServer, msg: &[u8]) -> Option<Vec<u8>> {
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     s.send_to(msg, dns.addr).unwrap();
     let mut buf = [0u8; 1500];
     s.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
