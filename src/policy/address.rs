@@ -74,10 +74,9 @@ pub fn classify_v6(ip: Ipv6Addr) -> AddressClass {
         return classify_v4(v4);
     }
     if let Some(v4) = nat64_embedded(ip) {
-        return match classify_v4(v4) {
-            AddressClass::Public => AddressClass::Public,
-            _ => AddressClass::NonPublic,
-        };
+        // The translator delivers to the embedded address, so it is judged as that address
+        // (an always-refused one stays always refused).
+        return classify_v4(v4);
     }
     let a = u128::from(ip);
     if a == 0 || in_v6(a, 0xff00 << 112, 8) {
