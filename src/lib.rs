@@ -4,3 +4,4 @@ pub mod config;
 pub mod decision;
 pub mod policy;
 pub mod proto;
+pub mod secret;

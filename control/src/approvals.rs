@@ -80,10 +80,8 @@ pub struct AskIn {
 }
 
 fn new_ask_id() -> String {
-    use std::io::Read;
-    let mut b = [0u8; 8];
-    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    // Kept as before: an unreadable /dev/urandom yields zeros (noted as a follow-up).
+    let hex = portcullis::secret::random_hex(8).unwrap_or_else(|_| "0".repeat(16));
     format!("ask_{hex}")
 }
 

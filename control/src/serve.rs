@@ -244,15 +244,7 @@ fn clamp(addr: SocketAddr, dangerous: bool) -> SocketAddr {
 }
 
 fn instance_id() -> String {
-    let a = uuid_hex();
-    a.chars().take(32).collect()
-}
-
-fn uuid_hex() -> String {
-    use std::io::Read;
-    let mut bytes = [0u8; 16];
-    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    portcullis::secret::random_hex(16).unwrap_or_else(|_| "0".repeat(32))
 }
 
 struct Signals {

@@ -52,11 +52,8 @@ fn create(path: &Path) -> Result<String, String> {
             .create(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
-    let mut bytes = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|e| format!("cannot read random bytes: {e}"))?;
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let token =
+        portcullis::secret::random_hex(32).map_err(|e| format!("cannot read random bytes: {e}"))?;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -81,9 +78,7 @@ pub fn check(header: Option<&str>, token: &str) -> Result<(), &'static str> {
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Err("missing bearer token");
     }
-    let (a, b) = (given.as_bytes(), token.as_bytes());
-    let same = a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
-    if same {
+    if portcullis::secret::constant_time_eq(given.as_bytes(), token.as_bytes()) {
         Ok(())
     } else {
         Err("invalid bearer token")

@@ -71,7 +71,7 @@ impl App {
             return false;
         };
         scheme.eq_ignore_ascii_case("bearer")
-            && constant_time_eq(given.as_bytes(), token.as_bytes())
+            && portcullis::secret::constant_time_eq(given.as_bytes(), token.as_bytes())
     }
 
     /// Re-reads the config file (or the embedded defaults), re-applies the flags, and swaps
@@ -215,11 +215,4 @@ pub fn build_runtime(config: Config) -> Result<Runtime, String> {
         resolver,
         config,
     })
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

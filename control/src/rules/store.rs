@@ -2,7 +2,7 @@
 //! re-read and parse, then replace the file atomically (temp file, fsync, rename, fsync dir).
 //! Blocking I/O: call from `spawn_blocking`.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -71,9 +71,7 @@ fn read(target: &Path) -> Result<Vec<u8>, String> {
 }
 
 fn random_hex() -> String {
-    let mut b = [0u8; 4];
-    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    portcullis::secret::random_hex(4).unwrap_or_else(|_| "0".repeat(8))
 }
 
 /// Replaces `target` with `bytes`: the file is always either entirely old or entirely new.

@@ -2,6 +2,7 @@
 //! negotiation as our own `AuthMethod` so the replies follow `socks5.md` §2 exactly.
 
 use fast_socks5::server::{AuthMethod, AuthMethodSuccessState};
+use portcullis::secret::constant_time_eq;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The configured credentials.
@@ -86,12 +87,4 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> PasswordStarted<'_
         let pass_ok = constant_time_eq(&pass, self.creds.password.as_bytes());
         Ok(user_ok & pass_ok)
     }
-}
-
-/// Constant-time equality (length is not secret).
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
