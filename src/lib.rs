@@ -5,3 +5,4 @@ pub mod decision;
 pub mod policy;
 pub mod proto;
 pub mod secret;
+pub mod telemetry;
