@@ -4,11 +4,13 @@
 pub mod curl;
 pub mod dns;
 pub mod origin;
+pub mod otlp;
 pub mod proxy;
 pub mod raw;
 
 pub use curl::{CurlResult, curl};
 pub use dns::DnsServer;
+pub use otlp::OtlpReceiver;
 pub use proxy::{ProxyProcess, run_to_exit};
 pub use raw::{RawResponse, raw_request};
 
