@@ -79,6 +79,19 @@ pub struct AskIn {
     pub tx: Outbound,
 }
 
+/// An ask ended by the system (expiry, cancel): actor `system`, address `unknown`.
+fn system_end(outcome: Option<v1::Outcome>, waiters: usize) -> crate::audit::Resolution<'static> {
+    crate::audit::Resolution {
+        outcome,
+        actor: "system",
+        client_address: "unknown",
+        waiters,
+        persisted: false,
+        policy_version: 0,
+        justification: None,
+    }
+}
+
 fn new_ask_id() -> String {
     // Kept as before: an unreadable /dev/urandom yields zeros (noted as a follow-up).
     let hex = portcullis::secret::random_hex(8).unwrap_or_else(|_| "0".repeat(16));
@@ -311,6 +324,19 @@ impl Approvals {
                 .await;
         }
         self.remember(id, format!("{label} by {actor}"));
+        let persisted = matches!(outcome, v1::Outcome::AllowAlways | v1::Outcome::DenyAlways);
+        crate::audit::approval(
+            &p.ask,
+            &crate::audit::Resolution {
+                outcome: Some(outcome),
+                actor,
+                client_address: "unknown",
+                waiters: p.waiters.len(),
+                persisted,
+                policy_version: if persisted { state.version() } else { version },
+                justification: None,
+            },
+        );
         let _ = self.events.send(event(v1::pending_event::Event::Resolved(
             v1::pending_event::Resolved {
                 ask: Some(p.ask.clone()),
@@ -340,6 +366,7 @@ impl Approvals {
                 .await;
         }
         self.remember(id, "expired".into());
+        crate::audit::approval(&p.ask, &system_end(None, p.waiters.len()));
         let _ = self.events.send(event(v1::pending_event::Event::Expired(
             v1::pending_event::Expired { ask: Some(p.ask) },
         )));
@@ -380,6 +407,10 @@ impl Approvals {
                     .await;
             }
             self.remember(&p.ask.id, "cancelled (session ended)".into());
+            crate::audit::approval(
+                &p.ask,
+                &system_end(Some(v1::Outcome::Cancelled), p.waiters.len()),
+            );
         }
         ended.len()
     }
@@ -394,6 +425,10 @@ impl Approvals {
             Err(_) => return,
         };
         for p in all {
+            crate::audit::approval(
+                &p.ask,
+                &system_end(Some(v1::Outcome::Cancelled), p.waiters.len()),
+            );
             for w in &p.waiters {
                 let _ =
                     w.tx.send(Ok(answer(

@@ -1,6 +1,7 @@
 //! `portcullis-control`: the Portcullis control plane.
 
 mod approvals;
+mod audit;
 mod cli;
 mod client;
 mod rules;
@@ -22,13 +23,8 @@ fn main() -> ExitCode {
             return ExitCode::from(e.exit_code() as u8);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // stderr per --log, plus the audit slot `serve` fills (audit.md §1).
+    let _ = portcullis::telemetry::init_logging(&cli.log);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

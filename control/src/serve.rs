@@ -95,6 +95,13 @@ pub async fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let audit = match crate::audit::start(&config, &state.instance_id) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -220,6 +227,7 @@ pub async fn run(args: ServeArgs) -> ExitCode {
     let _ = tx.send(());
     // Open Attach streams are ended with the server; do not wait for clients longer than 1 s.
     let _ = tokio::time::timeout(Duration::from_secs(1), serving).await;
+    crate::audit::shutdown(audit).await;
     ExitCode::SUCCESS
 }
 

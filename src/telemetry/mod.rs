@@ -170,10 +170,18 @@ pub fn stderr_filter(spec: &str) -> tracing_subscriber::EnvFilter {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("info,{AUDIT_TARGET}=off")))
 }
 
+static GLOBAL_SLOT: OnceLock<AuditSlot> = OnceLock::new();
+
+/// The slot [`init_logging`] installed, if it ran (for [`start`] far from `main`).
+pub fn global_slot() -> Option<AuditSlot> {
+    GLOBAL_SLOT.get().cloned()
+}
+
 /// Installs the process subscriber: stderr (filtered by `log_filter`) and the audit slot
-/// (only [`AUDIT_TARGET`], independent of `log_filter`). Returns the slot for [`start`].
+/// (only [`AUDIT_TARGET`], independent of `log_filter`). Returns the slot for [`start`]
+/// (also available later from [`global_slot`]).
 pub fn init_logging(log_filter: &str) -> AuditSlot {
-    let slot = AuditSlot::default();
+    let slot = GLOBAL_SLOT.get_or_init(AuditSlot::default).clone();
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
