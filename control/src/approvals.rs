@@ -288,12 +288,29 @@ impl Approvals {
 
     /// Resolves an ask and answers every waiter; session allows are pushed first so released
     /// requests and later ones see the same policy (control.md §6 rule 7).
+    /// (Kept for callers that have no approver address; they are audited as `unknown`.)
+    #[allow(dead_code)]
     pub async fn resolve(
         &self,
         state: &Arc<ControlState>,
         id: &str,
         outcome: v1::Outcome,
         actor: &str,
+    ) -> Result<(v1::PendingAsk, u64), Status> {
+        self.resolve_by(state, id, outcome, actor, "unknown", None)
+            .await
+    }
+
+    /// As [`Approvals::resolve`], naming the approver's address (`client.address` of the
+    /// `portcullis.approval` audit record) and the justification, if any.
+    pub async fn resolve_by(
+        &self,
+        state: &Arc<ControlState>,
+        id: &str,
+        outcome: v1::Outcome,
+        actor: &str,
+        client_address: &str,
+        justification: Option<&str>,
     ) -> Result<(v1::PendingAsk, u64), Status> {
         let p = self.take(id)?;
         let allow = matches!(
@@ -330,11 +347,11 @@ impl Approvals {
             &crate::audit::Resolution {
                 outcome: Some(outcome),
                 actor,
-                client_address: "unknown",
+                client_address,
                 waiters: p.waiters.len(),
                 persisted,
                 policy_version: if persisted { state.version() } else { version },
-                justification: None,
+                justification,
             },
         );
         let _ = self.events.send(event(v1::pending_event::Event::Resolved(

@@ -212,6 +212,13 @@ fn check_ask(req: &v1::AskRequest) -> Result<(), String> {
     }
 }
 
+/// The approver's address for audit records: the gRPC peer IP, `unix` without one.
+fn peer_label<T>(request: &Request<T>) -> String {
+    request
+        .remote_addr()
+        .map_or_else(|| "unix".to_string(), |a| a.ip().to_string())
+}
+
 fn actor_of(a: Option<String>) -> Result<String, Status> {
     let actor = a.unwrap_or_else(|| "api".into());
     if actor.is_empty() || actor.chars().count() > 128 || actor.chars().any(char::is_control) {
@@ -414,6 +421,7 @@ impl Control for Services {
         &self,
         request: Request<v1::ApproveRequest>,
     ) -> Result<Response<v1::ApproveResponse>, Status> {
+        let peer = peer_label(&request);
         let r = request.into_inner();
         check_pending_id(&r.pending_id)?;
         let actor = actor_of(r.actor)?;
@@ -450,7 +458,14 @@ impl Control for Services {
         };
         let (ask, mut policy_version) = self
             .approvals
-            .resolve(&self.state, &r.pending_id, outcome, &actor)
+            .resolve_by(
+                &self.state,
+                &r.pending_id,
+                outcome,
+                &actor,
+                &peer,
+                r.justification.as_deref(),
+            )
             .await?;
         if outcome == v1::Outcome::AllowAlways {
             policy_version = self.state.version();
@@ -474,6 +489,7 @@ impl Control for Services {
         &self,
         request: Request<v1::DenyRequest>,
     ) -> Result<Response<v1::DenyResponse>, Status> {
+        let peer = peer_label(&request);
         let r = request.into_inner();
         check_pending_id(&r.pending_id)?;
         let actor = actor_of(r.actor)?;
@@ -494,7 +510,14 @@ impl Control for Services {
         };
         let (ask, _) = self
             .approvals
-            .resolve(&self.state, &r.pending_id, outcome, &actor)
+            .resolve_by(
+                &self.state,
+                &r.pending_id,
+                outcome,
+                &actor,
+                &peer,
+                r.justification.as_deref(),
+            )
             .await?;
         if persist_failed {
             return Err(Status::internal(format!(

@@ -157,6 +157,7 @@ fn ask_then_override_allow_produce_two_events_and_approval_records() {
         c.approve(v1::ApproveRequest {
             pending_id: ask.id.clone(),
             scope: v1::ApprovalScope::Once as i32,
+            justification: Some("needed for the build".into()),
             ..Default::default()
         })
         .await
@@ -200,8 +201,12 @@ fn ask_then_override_allow_produce_two_events_and_approval_records() {
     assert_eq!(a.attrs["server.port"], Val::Int(i64::from(origin.port())));
     assert_eq!(a.attrs["network.transport.protocol"], s("http"));
     assert!(matches!(a.attrs["portcullis.approval.wait_ms"], Val::Int(ms) if ms >= 0));
-    assert!(a.attrs.contains_key("portcullis.approval.actor"));
-    assert!(a.attrs.contains_key("client.address"));
+    assert_eq!(a.attrs["portcullis.approval.actor"], s("api"));
+    assert_eq!(a.attrs["client.address"], s("127.0.0.1"));
+    assert_eq!(
+        a.attrs["portcullis.approval.justification"],
+        s("needed for the build")
+    );
     assert!(
         a.body
             .starts_with(&format!("allow_once app.test:{} (http) by ", origin.port()))
@@ -223,4 +228,5 @@ fn ask_then_override_allow_produce_two_events_and_approval_records() {
     assert_eq!(e.attrs["portcullis.approval.scope"], s("none"));
     assert_eq!(e.attrs["portcullis.approval.actor"], s("system"));
     assert_eq!(e.attrs["client.address"], s("unknown"));
+    assert!(!e.attrs.contains_key("portcullis.approval.justification"));
 }
