@@ -42,3 +42,31 @@ pub async fn shutdown(pipeline: Option<AuditPipeline>) {
         let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
     }
 }
+
+/// The `portcullis.connection` span of an accepted client connection (`audit.md` §7.6), or
+/// `None` when spans are not exported (or for the admin listener).
+pub fn connection_span(
+    shared: &crate::state::Shared,
+    kind: crate::listeners::ListenerKind,
+    peer: std::net::SocketAddr,
+) -> Option<tracing::Span> {
+    use crate::listeners::ListenerKind;
+    if !shared::spans_enabled() {
+        return None;
+    }
+    let protocol = match kind {
+        ListenerKind::Http => "http",
+        ListenerKind::Socks5 => "socks5_tcp",
+        ListenerKind::Admin => return None,
+    };
+    let origin = shared.origin();
+    Some(tracing::info_span!(
+        target: "portcullis::span",
+        "portcullis.connection",
+        "network.transport.protocol" = protocol,
+        "client.address" = %peer.ip(),
+        "client.port" = i64::from(peer.port()),
+        "portcullis.proxy.id" = &*origin.proxy_id,
+        "portcullis.session.id" = &*origin.session_id,
+    ))
+}

@@ -14,6 +14,12 @@ use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{
 use opentelemetry_proto::tonic::collector::logs::v1::{
     ExportLogsServiceRequest, ExportLogsServiceResponse,
 };
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -75,6 +81,25 @@ pub struct Record {
     pub attrs: BTreeMap<String, Val>,
     /// Number of attributes as sent (detects duplicates).
     pub attr_count: usize,
+    /// Trace id (empty when the record was emitted outside a span).
+    pub trace_id: Vec<u8>,
+    /// Span id (empty when the record was emitted outside a span).
+    pub span_id: Vec<u8>,
+}
+
+/// One exported span, flattened.
+#[derive(Debug, Clone)]
+pub struct SpanRec {
+    /// Resource attributes.
+    pub resource: BTreeMap<String, Val>,
+    /// Span name.
+    pub name: String,
+    /// Span attributes.
+    pub attrs: BTreeMap<String, Val>,
+    /// Trace id.
+    pub trace_id: Vec<u8>,
+    /// Span id.
+    pub span_id: Vec<u8>,
 }
 
 impl Record {
@@ -86,6 +111,7 @@ impl Record {
 
 #[derive(Default)]
 struct Store {
+    spans: Mutex<Vec<SpanRec>>,
     records: Mutex<Vec<Record>>,
     raw: Mutex<Vec<Vec<u8>>>,
     requests: AtomicUsize,
@@ -121,6 +147,8 @@ impl Store {
                         body,
                         attrs: map(&lr.attributes),
                         attr_count: lr.attributes.len(),
+                        trace_id: lr.trace_id.clone(),
+                        span_id: lr.span_id.clone(),
                     });
                 }
             }
@@ -129,6 +157,37 @@ impl Store {
 }
 
 struct Service(Arc<Store>);
+
+#[tonic::async_trait]
+impl TraceService for Service {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut out = self.0.spans.lock().unwrap();
+        for rs in &request.get_ref().resource_spans {
+            let resource = rs
+                .resource
+                .as_ref()
+                .map(|r| map(&r.attributes))
+                .unwrap_or_default();
+            for ss in &rs.scope_spans {
+                for sp in &ss.spans {
+                    out.push(SpanRec {
+                        resource: resource.clone(),
+                        name: sp.name.clone(),
+                        attrs: map(&sp.attributes),
+                        trace_id: sp.trace_id.clone(),
+                        span_id: sp.span_id.clone(),
+                    });
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
 
 #[tonic::async_trait]
 impl LogsService for Service {
@@ -167,10 +226,12 @@ impl OtlpReceiver {
             .expect("bind receiver");
         let addr = listener.local_addr().expect("addr");
         let svc = LogsServiceServer::new(Service(store.clone()));
+        let traces = TraceServiceServer::new(Service(store.clone()));
         let task = runtime().spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
             let _ = tonic::transport::Server::builder()
                 .add_service(svc)
+                .add_service(traces)
                 .serve_with_incoming(incoming)
                 .await;
         });
@@ -276,6 +337,11 @@ impl OtlpReceiver {
     /// Every record received so far.
     pub fn records(&self) -> Vec<Record> {
         self.store.records.lock().unwrap().clone()
+    }
+
+    /// Every span received so far (gRPC receiver only).
+    pub fn spans(&self) -> Vec<SpanRec> {
+        self.store.spans.lock().unwrap().clone()
     }
 
     /// Export requests received so far.

@@ -560,3 +560,44 @@ fn exporter_none_by_default() {
     let (t, e, qf, ef, sd) = audit_counts(proxy.admin_addr());
     assert_eq!((t, e, qf, ef, sd), (0, 0, 0, 0, 0));
 }
+
+#[test]
+fn connection_span_exported_and_record_carries_its_context() {
+    let recv = OtlpReceiver::grpc();
+    let origin = http_echo("127.0.0.1");
+    let allow = format!("127.0.0.1:{}", origin.port());
+    let proxy = ProxyProcess::start(
+        &["--allow", &allow],
+        Some(&audit_config(&recv.endpoint(), "traces = true\n")),
+    );
+    let r = curl(&["-x", &proxy.http_url(), &format!("http://{allow}/")]);
+    assert_eq!(r.status, 200);
+    let rec = recv
+        .wait_for(WAIT, |r| r.s("network.policy.decision") == Some("allow"))
+        .expect("allow record");
+    let deadline = Instant::now() + WAIT;
+    let span = loop {
+        if let Some(s) = recv
+            .spans()
+            .into_iter()
+            .find(|s| s.name == "portcullis.connection")
+        {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no connection span");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(span.attrs["network.transport.protocol"], s("http"));
+    assert_eq!(span.attrs["client.address"], s("127.0.0.1"));
+    assert!(matches!(span.attrs["client.port"], Val::Int(p) if p > 0));
+    assert_eq!(span.attrs["portcullis.session.id"], s("default"));
+    assert_eq!(
+        span.attrs["portcullis.proxy.id"],
+        rec.attrs["portcullis.proxy.id"]
+    );
+    assert_eq!(span.resource["service.name"], s("portcullis-proxy"));
+    // The audit record was emitted inside the connection span.
+    assert_eq!(rec.trace_id, span.trace_id);
+    assert_eq!(rec.span_id, span.span_id);
+    assert_eq!(keys(&rec), want_keys(&[]), "spans add no record attributes");
+}

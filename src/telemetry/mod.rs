@@ -108,10 +108,29 @@ impl AuditCounters for AuditStats {
 
 type Bridge = OpenTelemetryTracingBridge<SdkLoggerProvider, SdkLogger>;
 
-/// The audit layer's slot: empty (records go nowhere) until [`start`] installs the bridge.
+/// `tracing` target of the spans exported when `audit.traces` is on (`audit.md` §7.6).
+pub const SPAN_TARGET: &str = "portcullis::span";
+
+type SpanLayer = tracing_opentelemetry::OpenTelemetryLayer<
+    tracing_subscriber::Registry,
+    opentelemetry_sdk::trace::SdkTracer,
+>;
+type SpanHandle =
+    tracing_subscriber::reload::Handle<Option<SpanLayer>, tracing_subscriber::Registry>;
+
+static SPANS_ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether connection spans are being exported (callers skip building spans otherwise).
+pub fn spans_enabled() -> bool {
+    SPANS_ON.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The audit layer's slot: empty (records go nowhere) until [`start`] installs the bridge;
+/// likewise the span layer when `audit.traces` is on.
 #[derive(Clone, Default)]
 pub struct AuditSlot {
     bridge: Arc<OnceLock<Bridge>>,
+    spans: Arc<OnceLock<SpanHandle>>,
 }
 
 impl std::fmt::Debug for AuditSlot {
@@ -126,6 +145,18 @@ impl AuditSlot {
     /// Installs the bridge; false when one was installed already.
     fn install(&self, bridge: Bridge) -> bool {
         self.bridge.set(bridge).is_ok()
+    }
+
+    /// Installs the span layer (only when [`init_logging`] made the slot).
+    fn install_spans(&self, layer: SpanLayer) -> bool {
+        let ok = self
+            .spans
+            .get()
+            .is_some_and(|h| h.reload(Some(layer)).is_ok());
+        if ok {
+            SPANS_ON.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        ok
     }
 
     /// A `tracing` layer forwarding [`AUDIT_TARGET`] events to the installed bridge. Combine it
@@ -182,6 +213,11 @@ pub fn global_slot() -> Option<AuditSlot> {
 /// (also available later from [`global_slot`]).
 pub fn init_logging(log_filter: &str) -> AuditSlot {
     let slot = GLOBAL_SLOT.get_or_init(AuditSlot::default).clone();
+    let (spans, handle) = tracing_subscriber::reload::Layer::new(None::<SpanLayer>);
+    let _ = slot.spans.set(handle);
+    let spans = spans.with_filter(tracing_subscriber::filter::filter_fn(|m| {
+        m.is_span() && m.target() == SPAN_TARGET
+    }));
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -192,6 +228,7 @@ pub fn init_logging(log_filter: &str) -> AuditSlot {
             .with_max_level_hint(tracing::Level::INFO),
     );
     let _ = tracing_subscriber::registry()
+        .with(spans)
         .with(fmt)
         .with(audit)
         .try_init();

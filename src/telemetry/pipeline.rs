@@ -142,6 +142,7 @@ impl<E: LogExporter> LogExporter for CountingExporter<E> {
 /// in flight.
 pub struct AuditPipeline {
     provider: SdkLoggerProvider,
+    tracer: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
     flight: Arc<Flight>,
     shutdown_timeout: Duration,
     warner: Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
@@ -161,6 +162,7 @@ impl AuditPipeline {
     /// thread (`spawn_blocking`), never inside a current-thread runtime.
     pub fn shutdown(mut self) {
         let provider = self.provider.clone();
+        let tracer = self.tracer.clone();
         let timeout = self.shutdown_timeout;
         // The SDK's own bound is best effort; bound the wait here too.
         let (tx, rx) = std::sync::mpsc::channel();
@@ -168,6 +170,9 @@ impl AuditPipeline {
             .name("audit-shutdown".into())
             .spawn(move || {
                 let _ = provider.shutdown_with_timeout(timeout);
+                if let Some(t) = tracer {
+                    let _ = t.shutdown_with_timeout(timeout);
+                }
                 let _ = tx.send(());
             });
         if spawned.is_ok() {
@@ -247,27 +252,13 @@ fn build_exporter(settings: &AuditSettings) -> Result<opentelemetry_otlp::LogExp
     let ca = read_ca(settings)?;
     let built = match settings.protocol {
         ExportProtocol::Grpc => {
-            let mut metadata = tonic::metadata::MetadataMap::new();
-            for (k, v) in &settings.headers {
-                let key =
-                    tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
-                        .map_err(|_| format!("audit.headers: invalid header name \"{k}\""))?;
-                let value = v
-                    .parse()
-                    .map_err(|_| format!("audit.headers.{k}: invalid header value"))?;
-                metadata.insert(key, value);
-            }
             let mut builder = opentelemetry_otlp::LogExporter::builder()
                 .with_tonic()
                 .with_endpoint(settings.endpoint.clone())
                 .with_timeout(settings.timeout)
-                .with_metadata(metadata);
+                .with_metadata(metadata(settings)?);
             if settings.endpoint.starts_with("https://") {
-                let mut tls = tonic::transport::ClientTlsConfig::new().with_webpki_roots();
-                if let Some(pem) = ca {
-                    tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
-                }
-                builder = builder.with_tls_config(tls);
+                builder = builder.with_tls_config(tls_config(ca));
             }
             builder.build()
         }
@@ -284,6 +275,64 @@ fn build_exporter(settings: &AuditSettings) -> Result<opentelemetry_otlp::LogExp
         }
     };
     built.map_err(|e| format!("audit exporter: {e}"))
+}
+
+/// The span exporter: same protocol and endpoint as the logs (HTTP path `/v1/traces`).
+fn build_span_exporter(
+    settings: &AuditSettings,
+) -> Result<opentelemetry_otlp::SpanExporter, String> {
+    let ca = read_ca(settings)?;
+    let built = match settings.protocol {
+        ExportProtocol::Grpc => {
+            let mut builder = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(settings.endpoint.clone())
+                .with_timeout(settings.timeout)
+                .with_metadata(metadata(settings)?);
+            if settings.endpoint.starts_with("https://") {
+                builder = builder.with_tls_config(tls_config(ca));
+            }
+            builder.build()
+        }
+        ExportProtocol::HttpProtobuf => {
+            let endpoint = match settings.endpoint.strip_suffix("/v1/logs") {
+                Some(base) => format!("{base}/v1/traces"),
+                None => settings.endpoint.clone(),
+            };
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_endpoint(endpoint)
+                .with_timeout(settings.timeout)
+                .with_headers(settings.headers.clone().into_iter().collect())
+                .with_http_client(blocking_http_client(settings.timeout, ca)?)
+                .build()
+        }
+    };
+    built.map_err(|e| format!("audit span exporter: {e}"))
+}
+
+/// `audit.headers` as gRPC metadata.
+fn metadata(settings: &AuditSettings) -> Result<tonic::metadata::MetadataMap, String> {
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    for (k, v) in &settings.headers {
+        let key = tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
+            .map_err(|_| format!("audit.headers: invalid header name \"{k}\""))?;
+        let value = v
+            .parse()
+            .map_err(|_| format!("audit.headers.{k}: invalid header value"))?;
+        metadata.insert(key, value);
+    }
+    Ok(metadata)
+}
+
+/// TLS for `https://` gRPC endpoints: webpki roots plus `audit.ca_file`.
+fn tls_config(ca: Option<Vec<u8>>) -> tonic::transport::ClientTlsConfig {
+    let mut tls = tonic::transport::ClientTlsConfig::new().with_webpki_roots();
+    if let Some(pem) = ca {
+        tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+    }
+    tls
 }
 
 /// A blocking reqwest client (rustls with ring), built on its own thread because building or
@@ -391,8 +440,28 @@ pub fn start(
         let _ = provider.shutdown_with_timeout(Duration::from_millis(100));
         return Err("audit pipeline started twice".to_string());
     }
+    let tracer = if settings.traces {
+        let tp = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_resource(resource(identity, settings))
+            .with_batch_exporter(build_span_exporter(settings)?)
+            .build();
+        let layer = tracing_opentelemetry::layer()
+            .with_tracer(opentelemetry::trace::TracerProvider::tracer(
+                &tp,
+                "portcullis",
+            ))
+            .with_location(false)
+            .with_threads(false)
+            .with_level(false)
+            .with_target(false)
+            .with_tracked_inactivity(false);
+        slot.install_spans(layer).then_some(tp)
+    } else {
+        None
+    };
     Ok(Some(AuditPipeline {
         provider,
+        tracer,
         flight,
         shutdown_timeout: settings.shutdown_timeout,
         warner: spawn_warner(counters, settings.endpoint.clone()),
