@@ -230,3 +230,58 @@ fn ask_then_override_allow_produce_two_events_and_approval_records() {
     assert_eq!(e.attrs["client.address"], s("unknown"));
     assert!(!e.attrs.contains_key("portcullis.approval.justification"));
 }
+
+#[test]
+fn decision_id_is_the_same_on_every_surface() {
+    let recv = OtlpReceiver::grpc();
+    let control = start_control("[approvals]\nenabled = false\n");
+    let token_file = control.dir.path().join("control.token");
+    let proxy = ProxyProcess::start(
+        &[
+            "--control",
+            &format!("http://{}", control.grpc),
+            "--control-token-file",
+            token_file.to_str().unwrap(),
+        ],
+        Some(&format!(
+            "[audit]\nendpoint = \"{}\"\nscheduled_delay_ms = 100\n",
+            recv.endpoint()
+        )),
+    );
+    let mut watch = runtime().block_on(async {
+        let mut c = client(&control).await;
+        c.watch_decisions(v1::WatchDecisionsRequest::default())
+            .await
+            .expect("WatchDecisions")
+            .into_inner()
+    });
+    let r = curl(&["-x", &proxy.http_url(), "http://nowhere.test/"]);
+    assert_eq!(r.status, 403);
+    let id = r.header("x-portcullis-decision-id").unwrap().to_string();
+    // HTTP body line 1.
+    let text = r.text();
+    let line1 = text
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("PORTCULLIS_POLICY_DECISION "))
+        .unwrap_or_else(|| panic!("line 1: {text}"));
+    let line1: serde_json::Value = serde_json::from_str(line1).unwrap();
+    assert_eq!(line1["id"], serde_json::json!(id));
+    // WatchDecisions.
+    let event = runtime()
+        .block_on(async { tokio::time::timeout(WAIT, watch.message()).await })
+        .expect("a Decision event in time")
+        .expect("stream ok")
+        .expect("an event");
+    let Some(v1::decision_event::Event::Decision(d)) = event.event else {
+        panic!("expected a Decision, got {event:?}")
+    };
+    assert_eq!(d.id, id);
+    // Blocked log.
+    let b = portcullis_integration_tests::blocked(proxy.admin_addr());
+    assert_eq!(b["blocked"][0]["id"], serde_json::json!(id));
+    // Audit record.
+    let rec = recv.wait_for_decision(&id, WAIT).expect("audit record");
+    assert_eq!(rec.attrs["network.policy.reason"], s("not_allowed"));
+    assert_eq!(rec.s("portcullis.proxy.id"), Some(d.proxy_id.as_str()));
+}
