@@ -1,13 +1,24 @@
 //! Control-plane audit: the OTLP pipeline of `portcullis-control` and the
 //! `portcullis.approval` record (`audit.md` §3), over the shared `portcullis::telemetry`.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use portcullis::config::Config;
 use portcullis::decision::format_timestamp;
 use portcullis::proto::v1;
-use portcullis::telemetry::{self as shared, AuditPipeline, AuditSettings, AuditStats, Identity};
+use portcullis::telemetry::{
+    self as shared, AuditCountSnapshot, AuditCounters, AuditPipeline, AuditSettings, AuditStats,
+    Identity,
+};
+
+/// The process's audit counters (`GetStatus`, `audit.md` §7.3).
+static STATS: LazyLock<Arc<AuditStats>> = LazyLock::new(|| Arc::new(AuditStats::default()));
+
+/// The audit counters now (all 0 with exporter `none`).
+pub fn counts() -> AuditCountSnapshot {
+    STATS.snapshot()
+}
 
 /// Resolves `[audit]` + environment and starts the pipeline (`None` for exporter `none`).
 /// Errors are configuration errors (exit 2) or startup failures, as one line.
@@ -22,7 +33,7 @@ pub fn start(config: &Config, instance_id: &str) -> Result<Option<AuditPipeline>
         instance_id: instance_id.to_string(),
         session_id: None,
     };
-    shared::start(&settings, &identity, Arc::new(AuditStats::default()), &slot)
+    shared::start(&settings, &identity, STATS.clone(), &slot)
 }
 
 /// Flushes the pipeline on a blocking thread, bounded by `audit.shutdown_timeout_ms`.

@@ -837,6 +837,9 @@ impl Control for Services {
             pending_asks: self.approvals.list(None).len() as u32,
             rules_path: self.rules_path.display().to_string(),
             rules_count: self.rules.lock().map(|r| r.len() as u32).unwrap_or(0),
+            audit_events_total: crate::audit::counts().total,
+            audit_events_exported: crate::audit::counts().exported,
+            audit_events_dropped: crate::audit::counts().dropped(),
             ..Default::default()
         }))
     }

@@ -229,6 +229,30 @@ fn ask_then_override_allow_produce_two_events_and_approval_records() {
     assert_eq!(e.attrs["portcullis.approval.actor"], s("system"));
     assert_eq!(e.attrs["client.address"], s("unknown"));
     assert!(!e.attrs.contains_key("portcullis.approval.justification"));
+
+    // GetStatus counts the control plane's records: two emitted, both exported.
+    let mut status = v1::ControlStatus::default();
+    for _ in 0..200 {
+        status = runtime().block_on(async {
+            let mut c = client(&control).await;
+            c.get_status(v1::GetStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+        });
+        if status.audit_events_exported == 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        (
+            status.audit_events_total,
+            status.audit_events_exported,
+            status.audit_events_dropped
+        ),
+        (2, 2, 0)
+    );
 }
 
 #[test]
