@@ -94,6 +94,25 @@ impl LogProcessor for BoundedProcessor {
         self.inner.force_flush()
     }
 
+    /// Asked by the bridge before it builds a record: a full queue drops (and counts) the
+    /// record here, so the drop path costs no record construction.
+    fn event_enabled(
+        &self,
+        _level: opentelemetry::logs::Severity,
+        _target: &str,
+        _name: Option<&str>,
+    ) -> bool {
+        if self.flight.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        if self.flight.in_flight.load(Ordering::Acquire) >= self.flight.max {
+            self.flight.counters.emitted();
+            self.flight.counters.dropped(AuditDropReason::QueueFull, 1);
+            return false;
+        }
+        true
+    }
+
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
         self.inner.shutdown_with_timeout(timeout)
     }
