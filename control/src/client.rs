@@ -59,24 +59,21 @@ fn token(args: &ClientArgs) -> Result<String, Failure> {
 }
 
 async fn connect(args: &ClientArgs) -> Result<Client, Failure> {
-    if !args.endpoint.starts_with("http://") {
-        return Err(Failure(
+    let endpoint = portcullis::config::check_control_endpoint(&args.endpoint).map_err(|e| {
+        Failure(
             2,
-            format!(
-                "usage error: --endpoint: expected http://HOST:PORT (unix: endpoints are not supported by this client yet), got {}",
-                args.endpoint
-            ),
-        ));
-    }
+            format!("usage error: --endpoint: {e}, got {}", args.endpoint),
+        )
+    })?;
     let token = token(args)?;
     let value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = format!("Bearer {token}")
         .parse()
         .map_err(|_| Failure(1, "error: the token is not a valid header value".into()))?;
-    let channel = tonic::transport::Endpoint::from_shared(args.endpoint.clone())
-        .map_err(|e| Failure(2, format!("usage error: --endpoint: {e}")))?
-        .connect_timeout(Duration::from_secs(args.timeout))
-        .timeout(Duration::from_secs(args.timeout))
-        .connect()
+    let options = portcullis::endpoint::ChannelOptions {
+        connect_timeout: Duration::from_secs(args.timeout),
+        request_timeout: Some(Duration::from_secs(args.timeout)),
+    };
+    let channel = portcullis::endpoint::connect(&endpoint, options)
         .await
         .map_err(|e| {
             Failure(

@@ -5,9 +5,11 @@ mod cli;
 mod client;
 mod rules;
 mod serve;
+mod server;
 mod service;
 mod state;
 mod token;
+mod unix_listener;
 
 use std::process::ExitCode;
 

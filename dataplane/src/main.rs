@@ -226,7 +226,7 @@ async fn run(args: cli::Args) -> ExitCode {
     }
 
     if let (Some(cfg), Some(events)) = (attach, control_events) {
-        let url = cfg.url.clone();
+        let url = cfg.endpoint.to_string();
         let (first_tx, first_rx) = tokio::sync::oneshot::channel();
         shared.set_asker(std::sync::Arc::new(asker::Asker::new(
             shared.runtime().config.limits.max_pending_approvals as usize,
