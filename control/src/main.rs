@@ -3,10 +3,12 @@
 mod approvals;
 mod cli;
 mod client;
+mod exec;
 mod rules;
 mod serve;
 mod server;
 mod service;
+mod socks_connect;
 mod state;
 mod token;
 mod unix_listener;
@@ -24,7 +26,12 @@ fn main() -> ExitCode {
             return ExitCode::from(e.exit_code() as u8);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+    // exec speaks through `portcullis: ` lines; its own and the sidecar's logs default to warn.
+    let log = match (&cli.command, std::env::var_os("PORTCULLIS_LOG")) {
+        (cli::Command::Exec(_), None) if cli.log == "info" => "warn".to_string(),
+        _ => cli.log.clone(),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -38,15 +45,13 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let name = match cli.command {
-        cli::Command::Serve(args) => return rt.block_on(serve::run(args)),
-        cli::Command::Pending(args) => return rt.block_on(client::pending(args)),
-        cli::Command::Approve(args) => return rt.block_on(client::approve(args)),
-        cli::Command::Deny(args) => return rt.block_on(client::deny(args)),
-        cli::Command::Policy(args) => return rt.block_on(client::policy(args)),
-        cli::Command::Exec(_) => "exec",
-        cli::Command::SocksConnect(_) => "socks-connect",
-    };
-    eprintln!("portcullis-control: {name} is not implemented yet");
-    ExitCode::from(1)
+    match cli.command {
+        cli::Command::Serve(args) => rt.block_on(serve::run(args)),
+        cli::Command::Pending(args) => rt.block_on(client::pending(args)),
+        cli::Command::Approve(args) => rt.block_on(client::approve(args)),
+        cli::Command::Deny(args) => rt.block_on(client::deny(args)),
+        cli::Command::Policy(args) => rt.block_on(client::policy(args)),
+        cli::Command::Exec(args) => rt.block_on(exec::run(args, &log)),
+        cli::Command::SocksConnect(args) => rt.block_on(socks_connect::run(args)),
+    }
 }

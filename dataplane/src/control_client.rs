@@ -102,7 +102,7 @@ async fn session(
     report_allows: &AtomicBool,
     attempt: &mut u32,
 ) -> Result<(), String> {
-    let token = crate::policy_build::read_secret_file("control.token_file", &cfg.token_file)?;
+    let token = portcullis::secret::read_secret_file("control.token_file", &cfg.token_file)?;
     let auth: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = format!("Bearer {token}")
         .parse()
         .map_err(|_| "control.token_file: the token is not a valid header value".to_string())?;
