@@ -7,8 +7,8 @@ use portcullis::config::Config;
 use portcullis::proto::v1;
 use portcullis::proto::v1::control_client::ControlClient;
 
-use crate::exec::destination;
 use crate::cli::{ApproveArgs, ClientArgs, DenyArgs, PendingArgs, PolicyArgs, Scope};
+use crate::exec::destination;
 
 /// Adds the bearer token to every call.
 type Auth = Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
@@ -70,14 +70,15 @@ async fn connect(args: &ClientArgs, streaming: bool) -> Result<Client, Failure> 
     // On the unix socket (limited to this user) the token is optional (control.md §1.3): a
     // missing default token file is not an error there, an explicit one still is.
     let unix = matches!(endpoint, portcullis::config::ControlEndpoint::Unix(_));
-    let value: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
-        match token(args) {
-            Ok(token) => Some(format!("Bearer {token}").parse().map_err(|_| {
-                Failure(1, "error: the token is not a valid header value".into())
-            })?),
-            Err(_) if unix && args.token_file.is_none() => None,
-            Err(e) => return Err(e),
-        };
+    let value: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> = match token(args) {
+        Ok(token) => Some(
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| Failure(1, "error: the token is not a valid header value".into()))?,
+        ),
+        Err(_) if unix && args.token_file.is_none() => None,
+        Err(e) => return Err(e),
+    };
     let options = portcullis::endpoint::ChannelOptions {
         connect_timeout: Duration::from_secs(args.timeout),
         request_timeout: (!streaming).then(|| Duration::from_secs(args.timeout)),
@@ -106,7 +107,6 @@ fn actor() -> String {
     let login = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
     format!("cli:{login}")
 }
-
 
 fn finish(r: Result<(), Failure>) -> ExitCode {
     match r {

@@ -15,26 +15,31 @@ pub async fn run(args: SocksConnectArgs) -> ExitCode {
     let mut config = Config::default();
     config.set_connect_timeout(Duration::from_secs(30));
     let target = crate::exec::destination(&args.host, u32::from(args.port));
-    let stream =
-        match Socks5Stream::connect(args.socks_addr.as_str(), args.host.clone(), args.port, config).await
-        {
-            Ok(s) => s,
-            Err(SocksError::ReplyError(reply)) => {
-                eprintln!(
-                    "portcullis: SOCKS5 proxy refused {target} (reply 0x{:02x}: {})",
-                    reply.as_u8(),
-                    reply_text(&reply)
-                );
-                return ExitCode::from(1);
-            }
-            Err(e) => {
-                eprintln!(
-                    "portcullis: cannot connect to {target} through SOCKS5 proxy {}: {e}",
-                    args.socks_addr
-                );
-                return ExitCode::from(1);
-            }
-        };
+    let stream = match Socks5Stream::connect(
+        args.socks_addr.as_str(),
+        args.host.clone(),
+        args.port,
+        config,
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(SocksError::ReplyError(reply)) => {
+            eprintln!(
+                "portcullis: SOCKS5 proxy refused {target} (reply 0x{:02x}: {})",
+                reply.as_u8(),
+                reply_text(&reply)
+            );
+            return ExitCode::from(1);
+        }
+        Err(e) => {
+            eprintln!(
+                "portcullis: cannot connect to {target} through SOCKS5 proxy {}: {e}",
+                args.socks_addr
+            );
+            return ExitCode::from(1);
+        }
+    };
     let (mut from_proxy, mut to_proxy) = stream.get_socket().into_split();
     let upstream = async {
         let mut stdin = tokio::io::stdin();

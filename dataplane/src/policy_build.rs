@@ -75,7 +75,6 @@ pub fn tls_connector(config: &Config) -> Result<tokio_rustls::TlsConnector, Stri
     Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
 }
 
-
 /// The admin token, when `admin_token_file` is set.
 pub fn admin_token(config: &Config) -> Result<Option<String>, String> {
     match &config.network.admin_token_file {

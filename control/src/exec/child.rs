@@ -17,7 +17,10 @@ pub struct SpawnFailure {
 }
 
 /// Starts COMMAND in exec's process group with exactly `env`.
-pub fn spawn(command: &[String], env: &BTreeMap<OsString, OsString>) -> Result<Child, SpawnFailure> {
+pub fn spawn(
+    command: &[String],
+    env: &BTreeMap<OsString, OsString>,
+) -> Result<Child, SpawnFailure> {
     let Some((program, args)) = command.split_first() else {
         return Err(SpawnFailure {
             code: 2,

@@ -132,12 +132,16 @@ pub fn child_env(
     }
     // GIT_SSH_COMMAND through the SOCKS listener, only without SOCKS authentication (§4).
     if let (Some(socks), None) = (p.socks5, &p.socks_auth) {
-        let user_value = |k: &str| env.get(&OsString::from(k)).filter(|v| !v.is_empty()).cloned();
+        let user_value = |k: &str| {
+            env.get(&OsString::from(k))
+                .filter(|v| !v.is_empty())
+                .cloned()
+        };
         let ours = user_value("GIT_SSH_COMMAND")
             .map(|v| v.to_string_lossy().starts_with(GIT_SSH_MARKER))
             .unwrap_or(false);
-        let user_set = (user_value("GIT_SSH_COMMAND").is_some() && !ours)
-            || user_value("GIT_SSH").is_some();
+        let user_set =
+            (user_value("GIT_SSH_COMMAND").is_some() && !ours) || user_value("GIT_SSH").is_some();
         if !user_set && let Some(exe) = &p.control_exe {
             match git_ssh_command(exe, socks) {
                 Ok(v) => {
@@ -217,7 +221,10 @@ mod tests {
     }
 
     fn inherited(pairs: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
-        pairs.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect()
     }
 
     #[test]
@@ -235,7 +242,10 @@ mod tests {
             }
         }
         assert_eq!(get(&env, "HTTPS_PROXY"), Some("http://127.0.0.1:4000"));
-        assert_eq!(get(&env, "GLOBAL_AGENT_HTTPS_PROXY"), Some("http://127.0.0.1:4000"));
+        assert_eq!(
+            get(&env, "GLOBAL_AGENT_HTTPS_PROXY"),
+            Some("http://127.0.0.1:4000")
+        );
         assert_eq!(get(&env, "NODE_USE_ENV_PROXY"), Some("1"));
         assert_eq!(get(&env, "ELECTRON_GET_USE_PROXY"), Some("true"));
         assert_eq!(get(&env, "PORTCULLIS_PROXY_ACTIVE"), Some("1"));
@@ -302,7 +312,10 @@ mod tests {
             assert_eq!(get(&env, k), Some("/run/x/mitm/ca-bundle.pem"), "{k}");
         }
         assert_eq!(get(&env, "NODE_EXTRA_CA_CERTS"), Some("/run/x/mitm/ca.pem"));
-        assert_eq!(get(&env, "PORTCULLIS_CA_CERTIFICATE"), Some("/run/x/mitm/ca.pem"));
+        assert_eq!(
+            get(&env, "PORTCULLIS_CA_CERTIFICATE"),
+            Some("/run/x/mitm/ca.pem")
+        );
     }
 
     #[test]
@@ -322,7 +335,11 @@ mod tests {
             inherited(&[("GIT_SSH_COMMAND", "PORTCULLIS_GIT_SSH=1 ssh -o old")]),
             &endpoints(),
         );
-        assert!(get(&env, "GIT_SSH_COMMAND").unwrap().contains("127.0.0.1:5000"));
+        assert!(
+            get(&env, "GIT_SSH_COMMAND")
+                .unwrap()
+                .contains("127.0.0.1:5000")
+        );
         let mut p = endpoints();
         p.control_exe = Some("/tmp/it's/portcullis-control".into());
         let (env, warnings) = child_env(Vec::new(), &p);

@@ -83,7 +83,8 @@ async fn exec(args: ExecArgs, log: &str) -> Result<u8, Failure> {
     if let Some(path) = &args.control_endpoint_file {
         write_endpoint_file(path, &endpoint).map_err(other)?;
     }
-    let collector = summary::Collector::start(services.state.decisions.subscribe(), session.clone());
+    let collector =
+        summary::Collector::start(services.state.decisions.subscribe(), session.clone());
     let mitm_dir = config.network.mitm.then(|| dir.0.join("mitm"));
     let launch = sidecar::Launch {
         binary: &proxy_bin,
@@ -106,7 +107,10 @@ async fn exec(args: ExecArgs, log: &str) -> Result<u8, Failure> {
             return Err(other(e));
         }
     };
-    let socks_auth = match (&config.network.socks_username, &config.network.socks_password_file) {
+    let socks_auth = match (
+        &config.network.socks_username,
+        &config.network.socks_password_file,
+    ) {
         (Some(user), Some(file)) => {
             match portcullis::secret::read_secret_file("network.socks_password_file", file) {
                 Ok(pass) => Some((user.clone(), pass)),
@@ -148,9 +152,7 @@ async fn exec(args: ExecArgs, log: &str) -> Result<u8, Failure> {
             return Ok(f.code);
         }
     };
-    let forwarding = command
-        .id()
-        .map(|pid| tokio::spawn(forwarder.forward(pid)));
+    let forwarding = command.id().map(|pid| tokio::spawn(forwarder.forward(pid)));
     let interactive = !args.no_prompt
         && std::io::stdin().is_terminal()
         && std::fs::File::open("/dev/tty").is_ok();

@@ -261,7 +261,10 @@ async fn answer(services: &Services, ask: &v1::PendingAsk, choice: Choice) -> St
                 actor: Some(actor()),
                 ..Default::default()
             };
-            (services.approve(tonic::Request::new(req)).await.map(|_| ()), done)
+            (
+                services.approve(tonic::Request::new(req)).await.map(|_| ()),
+                done,
+            )
         }
         Choice::Deny | Choice::Never => {
             let (scope, done) = if choice == Choice::Never {
@@ -278,7 +281,10 @@ async fn answer(services: &Services, ask: &v1::PendingAsk, choice: Choice) -> St
                 actor: Some(actor()),
                 ..Default::default()
             };
-            (services.deny(tonic::Request::new(req)).await.map(|_| ()), done)
+            (
+                services.deny(tonic::Request::new(req)).await.map(|_| ()),
+                done,
+            )
         }
     };
     match result {

@@ -1,0 +1,504 @@
+//! `portcullis-control exec` (control.md §10, env.md): exit statuses, signals, the sidecar's
+//! lifetime, the child environment and asks answered through the API — with the real binaries.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use portcullis_integration_tests::DnsServer;
+use portcullis_integration_tests::origin::http_echo;
+use portcullis_integration_tests::proxy::control_bin;
+
+/// A config for exec in a private state dir; names resolve via `dns` to loopback.
+fn config(dir: &Path, dns: Option<&DnsServer>, network: &str, extra: &str) -> std::path::PathBuf {
+    let dns_line = dns
+        .map(|d| format!("dns_servers = [\"{}\"]\n", d.addr_string()))
+        .unwrap_or_default();
+    let text = format!(
+        "state_dir = \"{}\"\n[network]\nallow_local_binding = true\n{dns_line}{network}\n{extra}\n",
+        dir.join("state").display()
+    );
+    let path = dir.join("portcullis.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn exec_command(config: &Path, flags: &[&str], command: &[&str]) -> Command {
+    let mut cmd = Command::new(control_bin());
+    cmd.arg("exec").arg("--config").arg(config);
+    cmd.args(flags).arg("--").args(command);
+    cmd.env_remove("PORTCULLIS_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Waits for `child` with a deadline (killing it past the deadline fails the test).
+fn finish(mut child: Child, limit: Duration) -> Output {
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait().unwrap() {
+            Some(_) => return child.wait_with_output().unwrap(),
+            None if Instant::now() > deadline => {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "exec did not finish within {limit:?}; stderr:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            None => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn run(config: &Path, flags: &[&str], command: &[&str]) -> Output {
+    let child = exec_command(config, flags, command).spawn().unwrap();
+    finish(child, Duration::from_secs(60))
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn exec_returns_child_exit_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), None, "", "");
+    assert_eq!(run(&cfg, &[], &["true"]).status.code(), Some(0));
+    assert_eq!(
+        run(&cfg, &[], &["sh", "-c", "exit 3"]).status.code(),
+        Some(3)
+    );
+    assert_eq!(
+        run(&cfg, &[], &["sh", "-c", "kill -TERM $$"]).status.code(),
+        Some(128 + 15)
+    );
+    let missing = run(&cfg, &[], &["/nonexistent/portcullis-no-such-command"]);
+    assert_eq!(
+        missing.status.code(),
+        Some(127),
+        "{}",
+        text(&missing.stderr)
+    );
+    assert!(
+        text(&missing.stderr)
+            .contains("portcullis: /nonexistent/portcullis-no-such-command: command not found"),
+        "{}",
+        text(&missing.stderr)
+    );
+    let not_exec = dir.path().join("data.txt");
+    std::fs::write(&not_exec, "x").unwrap();
+    let denied = run(&cfg, &[], &[not_exec.to_str().unwrap()]);
+    assert_eq!(denied.status.code(), Some(126), "{}", text(&denied.stderr));
+    // exec writes nothing to stdout itself.
+    assert!(run(&cfg, &[], &["true"]).stdout.is_empty());
+}
+
+#[test]
+fn exec_bad_input_fails_before_the_command_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    let touch = format!("touch {}", marker.display());
+    // Unreadable config → exit 2, command never runs.
+    let out = run(&dir.path().join("missing.toml"), &[], &["sh", "-c", &touch]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    // A broken rules file → exit 2 naming the line.
+    let cfg = config(dir.path(), None, "", "");
+    let rules = dir.path().join("bad.rules");
+    std::fs::write(&rules, "network_rule(host=\n").unwrap();
+    let out = run(
+        &cfg,
+        &["--rules", rules.to_str().unwrap()],
+        &["sh", "-c", &touch],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("bad.rules:1:"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A sidecar that cannot start → exit 1, command never runs.
+    let out = run(&cfg, &["--proxy-bin", "/bin/false"], &["sh", "-c", &touch]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("sidecar"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!marker.exists(), "the command ran without its proxy");
+    // A missing command is a usage error.
+    let out = Command::new(control_bin())
+        .args(["exec", "--"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// Children of `pid` (all threads), from /proc.
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        if let Ok(list) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(
+                list.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+    }
+    out
+}
+
+fn exe_name(pid: u32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| {
+            p.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default()
+}
+
+/// A pid is gone when /proc has no entry or it is a zombie nobody will reap... which exec
+/// always reaps, so "no entry" is what we wait for.
+fn wait_gone(pid: u32, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Starts exec with a long-running child, returns (exec child, sidecar pid, command pid).
+fn start_long(cfg: &Path, script: &str) -> (Child, u32, u32, BufReader<std::process::ChildStdout>) {
+    let mut child = exec_command(cfg, &[], &["sh", "-c", script])
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "started");
+    let kids = children(child.id());
+    let sidecar = kids
+        .iter()
+        .copied()
+        .find(|p| exe_name(*p) == "portcullis-proxy")
+        .unwrap_or_else(|| panic!("no sidecar among {kids:?}"));
+    let command = kids
+        .iter()
+        .copied()
+        .find(|p| *p != sidecar)
+        .unwrap_or_else(|| panic!("no command among {kids:?}"));
+    (child, sidecar, command, stdout)
+}
+
+#[test]
+fn exec_forwards_sigterm_to_child_and_stops_the_sidecar() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), None, "", "");
+    let script = "trap 'echo got-term; exit 7' TERM; echo started; i=0; while [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done";
+    let (child, sidecar, _command, mut stdout) = start_long(&cfg, script);
+    // SAFETY: kill(2) on a child this test spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = finish(child, Duration::from_secs(30));
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+    assert!(rest.contains("got-term"), "{rest}");
+    assert!(
+        wait_gone(sidecar, Duration::from_secs(5)),
+        "sidecar {sidecar} still running"
+    );
+}
+
+#[test]
+fn exec_stops_sidecar_when_the_command_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), None, "", "");
+    let (child, sidecar, command, _stdout) = start_long(&cfg, "echo started; exec sleep 60");
+    // SAFETY: kill(2) on a grandchild this test spawned through exec.
+    unsafe { libc::kill(command as i32, libc::SIGKILL) };
+    let out = finish(child, Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(128 + 9), "{}", text(&out.stderr));
+    assert!(
+        wait_gone(sidecar, Duration::from_secs(5)),
+        "sidecar {sidecar} still running"
+    );
+}
+
+#[test]
+fn exec_sidecar_dies_with_exec() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), None, "", "");
+    let (mut child, sidecar, command, _stdout) = start_long(&cfg, "echo started; exec sleep 60");
+    // exec killed outright: the parent-death signals take the sidecar and COMMAND with it.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        wait_gone(sidecar, Duration::from_secs(10)),
+        "sidecar {sidecar} orphaned"
+    );
+    assert!(
+        wait_gone(command, Duration::from_secs(10)),
+        "command {command} orphaned"
+    );
+}
+
+fn env_map(out: &[u8]) -> BTreeMap<String, String> {
+    out.split(|b| *b == 0)
+        .filter(|e| !e.is_empty())
+        .filter_map(|e| {
+            let s = String::from_utf8_lossy(e).into_owned();
+            s.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn child_env_exact_set_and_no_control_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), None, "", "");
+    let mut cmd = exec_command(&cfg, &[], &["env", "-0"]);
+    cmd.env("PORTCULLIS_TOKEN", "secret-token")
+        .env("PORTCULLIS_CONTROL", "unix:/tmp/x.sock")
+        .env("YARN_NO_PROXY", "*")
+        .env("NO_PROXY", ".corp.example")
+        .env("PORTCULLIS_TEST_MARKER", "kept");
+    let out = finish(cmd.spawn().unwrap(), Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let env = env_map(&out.stdout);
+    for k in [
+        "PORTCULLIS_TOKEN",
+        "PORTCULLIS_CONTROL",
+        "YARN_NO_PROXY",
+        "npm_config_http_proxy",
+    ] {
+        assert!(!env.contains_key(k), "{k} leaked into the child");
+    }
+    assert_eq!(env["PORTCULLIS_TEST_MARKER"], "kept");
+    let http = env["HTTP_PROXY"].clone();
+    assert!(http.starts_with("http://127.0.0.1:"), "{http}");
+    let socks = env["ALL_PROXY"].clone();
+    assert!(socks.starts_with("socks5h://127.0.0.1:"), "{socks}");
+    for (k, v) in &env {
+        if k.to_ascii_uppercase().ends_with("_PROXY")
+            && !k.to_ascii_uppercase().contains("NO_PROXY")
+            && k != "ELECTRON_GET_USE_PROXY"
+        {
+            if ["ALL_PROXY", "all_proxy", "FTP_PROXY", "ftp_proxy"].contains(&k.as_str()) {
+                assert_eq!(v, &socks, "{k}");
+            } else {
+                assert_eq!(v, &http, "{k} must carry the http:// URL");
+            }
+        }
+    }
+    for k in [
+        "NO_PROXY",
+        "no_proxy",
+        "npm_config_noproxy",
+        "NPM_CONFIG_NOPROXY",
+        "GLOBAL_AGENT_NO_PROXY",
+    ] {
+        assert_eq!(env[k], "localhost,127.0.0.1,::1", "{k}");
+    }
+    assert_eq!(env["PORTCULLIS_PROXY_ACTIVE"], "1");
+    assert_eq!(env["PORTCULLIS_ALLOW_LOCAL_BINDING"], "1");
+    assert_eq!(env["NODE_USE_ENV_PROXY"], "1");
+    assert!(env["GIT_SSH_COMMAND"].starts_with("PORTCULLIS_GIT_SSH=1 ssh -o ProxyCommand="));
+    assert!(
+        !env.contains_key("SSL_CERT_FILE"),
+        "no CA variables without MITM"
+    );
+    // Nothing else differs from exec's own environment.
+    let ours: BTreeMap<String, String> = std::env::vars().collect();
+    for (k, v) in &ours {
+        if env.get(k) != Some(v) {
+            let expected_change = k.to_ascii_uppercase().contains("PROXY")
+                || k.starts_with("PORTCULLIS_")
+                || k == "GIT_SSH_COMMAND"
+                || k == "YARN_NO_PROXY";
+            assert!(expected_change, "{k} changed in the child");
+        }
+    }
+}
+
+#[test]
+fn all_proxy_http_when_socks_disabled_and_local_binding_exported() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = \"{}\"\n[network]\nenable_socks5 = false\n",
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(control_bin());
+    cmd.args(["exec", "--config"])
+        .arg(&cfg)
+        .args(["--", "env", "-0"]);
+    let out = finish(
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        Duration::from_secs(60),
+    );
+    let env = env_map(&out.stdout);
+    assert!(
+        env["ALL_PROXY"].starts_with("http://127.0.0.1:"),
+        "{}",
+        env["ALL_PROXY"]
+    );
+    assert!(!env.contains_key("GIT_SSH_COMMAND"));
+    assert_eq!(env["PORTCULLIS_ALLOW_LOCAL_BINDING"], "0");
+}
+
+#[test]
+fn curl_through_exec_allowed_and_blocked_with_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = http_echo("127.0.0.1");
+    let dns = DnsServer::start();
+    for name in ["allowed.test", "denied.test"] {
+        dns.set(name, &["127.0.0.1".parse().unwrap()]);
+    }
+    let cfg = config(
+        dir.path(),
+        Some(&dns),
+        "allowed_domains = [\"allowed.test\"]\ndenied_domains = [\"denied.test\"]",
+        "",
+    );
+    let port = origin.port();
+    let script = format!(
+        "curl -sS -o /dev/null -w '%{{http_code}}\\n' http://allowed.test:{port}/ok; curl -sS http://denied.test:{port}/no; curl -sS http://denied.test:{port}/again >/dev/null"
+    );
+    let out = run(&cfg, &["--no-prompt"], &["sh", "-c", &script]);
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stdout.starts_with("200\n"), "{stdout}");
+    assert!(
+        stdout.contains("PORTCULLIS_POLICY_DECISION {\"decision\":\"deny\",\"reason\":\"denied\""),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "portcullis: blocked denied.test:{port} (http): denied x2"
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn exec_non_tty_ask_approved_via_api_and_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = http_echo("127.0.0.1");
+    let dns = DnsServer::start();
+    for name in ["ask.test", "late.test"] {
+        dns.set(name, &["127.0.0.1".parse().unwrap()]);
+    }
+    let cfg = config(
+        dir.path(),
+        Some(&dns),
+        "",
+        "[approvals]\nask_timeout_secs = 30\n",
+    );
+    let endpoint_file = dir.path().join("endpoint");
+    let port = origin.port();
+    let script = format!("curl -sS -m 40 http://ask.test:{port}/first");
+    let child = exec_command(
+        &cfg,
+        &[
+            "--no-prompt",
+            "--control-endpoint-file",
+            endpoint_file.to_str().unwrap(),
+        ],
+        &["sh", "-c", &script],
+    )
+    .spawn()
+    .unwrap();
+    let endpoint = {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(e) = std::fs::read_to_string(&endpoint_file) {
+                break e.trim().to_string();
+            }
+            assert!(Instant::now() < deadline, "no endpoint file");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    assert!(endpoint.starts_with("unix:/"), "{endpoint}");
+    // The host approves through the API: the unix socket needs no token.
+    let id = {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = Command::new(control_bin())
+                .args(["pending", "--json", "--endpoint", &endpoint])
+                .env_remove("PORTCULLIS_TOKEN")
+                .env("HOME", dir.path())
+                .env("XDG_STATE_HOME", dir.path())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            if let Some(line) = text(&out.stdout).lines().next() {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                assert_eq!(v["host"], "ask.test");
+                break v["id"].as_str().unwrap().to_string();
+            }
+            assert!(Instant::now() < deadline, "no pending ask");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let out = Command::new(control_bin())
+        .args(["approve", &id, "--for", "once", "--endpoint", &endpoint])
+        .env("HOME", dir.path())
+        .env("XDG_STATE_HOME", dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = finish(child, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(&format!(
+            "portcullis: waiting for approval of ask.test:{port} (http) [{id}]"
+        )),
+        "{}",
+        text(&out.stderr)
+    );
+    // The private directory is gone with exec.
+    let socket = endpoint.trim_start_matches("unix:");
+    assert!(!Path::new(socket).exists());
+
+    // Nobody answers: the ask times out with approval_timeout.
+    let script = format!("curl -sS -m 30 http://late.test:{port}/");
+    let out = run(
+        &cfg,
+        &["--no-prompt", "--ask-timeout", "1"],
+        &["sh", "-c", &script],
+    );
+    assert!(
+        text(&out.stdout).contains("\"reason\":\"approval_timeout\""),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains(&format!(
+            "portcullis: blocked late.test:{port} (http): approval_timeout x1"
+        )),
+        "{}",
+        text(&out.stderr)
+    );
+}
