@@ -295,6 +295,7 @@ fn child_env_exact_set_and_no_control_token() {
         if k.to_ascii_uppercase().ends_with("_PROXY")
             && !k.to_ascii_uppercase().contains("NO_PROXY")
             && k != "ELECTRON_GET_USE_PROXY"
+            && k != "NODE_USE_ENV_PROXY"
         {
             if ["ALL_PROXY", "all_proxy", "FTP_PROXY", "ftp_proxy"].contains(&k.as_str()) {
                 assert_eq!(v, &socks, "{k}");
@@ -316,10 +317,12 @@ fn child_env_exact_set_and_no_control_token() {
     assert_eq!(env["PORTCULLIS_ALLOW_LOCAL_BINDING"], "1");
     assert_eq!(env["NODE_USE_ENV_PROXY"], "1");
     assert!(env["GIT_SSH_COMMAND"].starts_with("PORTCULLIS_GIT_SSH=1 ssh -o ProxyCommand="));
-    assert!(
-        !env.contains_key("SSL_CERT_FILE"),
-        "no CA variables without MITM"
+    // No CA variables without MITM: inherited ones pass through untouched.
+    assert_eq!(
+        env.get("SSL_CERT_FILE"),
+        std::env::var("SSL_CERT_FILE").ok().as_ref()
     );
+    assert!(!env.contains_key("PORTCULLIS_CA_CERTIFICATE"));
     // Nothing else differs from exec's own environment.
     let ours: BTreeMap<String, String> = std::env::vars().collect();
     for (k, v) in &ours {
