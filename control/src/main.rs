@@ -26,10 +26,13 @@ fn main() -> ExitCode {
             return ExitCode::from(e.exit_code() as u8);
         }
     };
-    // exec speaks through `portcullis: ` lines; its own and the sidecar's logs default to warn.
-    let log = match (&cli.command, std::env::var_os("PORTCULLIS_LOG")) {
-        (cli::Command::Exec(_), None) if cli.log == "info" => "warn".to_string(),
-        _ => cli.log.clone(),
+    // exec speaks through `portcullis: ` lines on the user's terminal: unless asked for more,
+    // its own logs are warnings only and the sidecar's errors only (its blocked-log lines
+    // would garble prompts; the exit summary reports blocks instead).
+    let default_log = cli.log == "info" && std::env::var_os("PORTCULLIS_LOG").is_none();
+    let (log, sidecar_log) = match &cli.command {
+        cli::Command::Exec(_) if default_log => ("warn".to_string(), "error".to_string()),
+        _ => (cli.log.clone(), cli.log.clone()),
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -51,7 +54,7 @@ fn main() -> ExitCode {
         cli::Command::Approve(args) => rt.block_on(client::approve(args)),
         cli::Command::Deny(args) => rt.block_on(client::deny(args)),
         cli::Command::Policy(args) => rt.block_on(client::policy(args)),
-        cli::Command::Exec(args) => rt.block_on(exec::run(args, &log)),
+        cli::Command::Exec(args) => rt.block_on(exec::run(args, &sidecar_log)),
         cli::Command::SocksConnect(args) => rt.block_on(socks_connect::run(args)),
     }
 }

@@ -505,3 +505,170 @@ fn exec_non_tty_ask_approved_via_api_and_timeout() {
         text(&out.stderr)
     );
 }
+
+/// A pseudo-terminal whose output is collected on a thread.
+struct Pty {
+    master: std::fs::File,
+    output: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Pty {
+    /// Opens a pty and returns it with the slave side for the child.
+    fn open() -> (Pty, std::os::fd::OwnedFd) {
+        use std::os::fd::FromRawFd;
+        let (mut master, mut slave) = (0, 0);
+        // SAFETY: openpty writes two valid descriptors on success; names/termios/winsize unused.
+        let rc = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "openpty failed");
+        // SAFETY: both descriptors were just returned by openpty and are owned by nobody else.
+        let (master, slave) = unsafe {
+            (
+                std::fs::File::from_raw_fd(master),
+                std::os::fd::OwnedFd::from_raw_fd(slave),
+            )
+        };
+        let output = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut reader = master.try_clone().unwrap();
+        let sink = output.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // Ends with EIO once every slave descriptor is closed.
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        (Pty { master, output }, slave)
+    }
+
+    /// Waits until the output holds `needle` `count` times.
+    fn wait_for(&self, needle: &str, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.output.lock().unwrap().matches(needle).count() >= count {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "terminal never showed {needle:?} x{count}; it shows:\n{}",
+            self.output.lock().unwrap()
+        );
+    }
+
+    fn type_line(&mut self, line: &str) {
+        use std::io::Write;
+        self.master
+            .write_all(format!("{line}\n").as_bytes())
+            .unwrap();
+    }
+
+    fn text(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+}
+
+#[test]
+fn exec_tty_prompt_choices() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let origin = http_echo("127.0.0.1");
+    let dns = DnsServer::start();
+    for name in ["ask.test", "nope.test"] {
+        dns.set(name, &["127.0.0.1".parse().unwrap()]);
+    }
+    let cfg = config(
+        dir.path(),
+        Some(&dns),
+        "",
+        "[approvals]\nask_timeout_secs = 60\n",
+    );
+    let port = origin.port();
+    let script = format!(
+        "curl -sS -o /dev/null -w 'first=%{{http_code}}\\n' http://ask.test:{port}/1; \
+         curl -sS -o /dev/null -w 'second=%{{http_code}}\\n' http://ask.test:{port}/2; \
+         curl -sS http://nope.test:{port}/; echo; echo all-done"
+    );
+    let (mut pty, slave) = Pty::open();
+    let mut cmd = Command::new(control_bin());
+    cmd.arg("exec")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--", "sh", "-c", &script])
+        .env_remove("PORTCULLIS_LOG")
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave));
+    // SAFETY: setsid and ioctl are async-signal-safe; the new session takes the pty as its
+    // controlling terminal so /dev/tty opens.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(cmd);
+    pty.wait_for(
+        &format!("portcullis: allow sh network access to ask.test:{port} (http)? [ask_"),
+        1,
+    );
+    pty.wait_for("auto-deny in ", 1);
+    pty.wait_for(
+        "  o = allow once, s = allow for this session, a = always allow, d = deny, n = never allow",
+        1,
+    );
+    pty.wait_for("choice [o/s/a/d/n] (default d): ", 1);
+    pty.type_line("maybe");
+    pty.wait_for("please answer o, s, a, d or n", 1);
+    pty.type_line("s");
+    pty.wait_for(
+        &format!("portcullis: allowed ask.test:{port} for this session"),
+        1,
+    );
+    pty.wait_for("first=200", 1);
+    // The second request passes without a prompt.
+    pty.wait_for("second=200", 1);
+    pty.wait_for(
+        &format!("portcullis: allow sh network access to nope.test:{port} (http)?"),
+        1,
+    );
+    assert_eq!(
+        pty.text()
+            .matches("allow sh network access to ask.test")
+            .count(),
+        1,
+        "asked twice for a session-allowed destination"
+    );
+    pty.type_line("");
+    pty.wait_for(&format!("portcullis: denied nope.test:{port}"), 1);
+    pty.wait_for("PORTCULLIS_POLICY_DECISION {\"decision\":\"deny\"", 1);
+    pty.wait_for("all-done", 1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "exec did not exit:\n{}",
+            pty.text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "{}", pty.text());
+}
