@@ -672,3 +672,39 @@ fn exec_tty_prompt_choices() {
     };
     assert_eq!(status.code(), Some(0), "{}", pty.text());
 }
+
+#[test]
+fn socks_connect_helper_half_close_and_refusal() {
+    use std::io::Write;
+    let origin = portcullis_integration_tests::origin::tcp_echo("127.0.0.1");
+    let proxy = portcullis_integration_tests::ProxyProcess::start(
+        &["--allow", "127.0.0.1", "--deny", "denied.test"],
+        Some("[network]\nallow_local_binding = true\n"),
+    );
+    let mut child = Command::new(control_bin())
+        .args(["socks-connect", proxy.socks5_addr(), "127.0.0.1"])
+        .arg(origin.port().to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // stdin's EOF reaches the origin, which then ends its side; the echo still arrives.
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"ping through socks\n").unwrap();
+    drop(stdin);
+    let out = finish(child, Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "ping through socks\n");
+
+    let out = Command::new(control_bin())
+        .args(["socks-connect", proxy.socks5_addr(), "denied.test", "22"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr).trim(),
+        "portcullis: SOCKS5 proxy refused denied.test:22 (reply 0x02: blocked by network policy)"
+    );
+}
