@@ -13,6 +13,8 @@ mod policy_build;
 mod report;
 mod resolve;
 mod socks5;
+#[cfg(target_os = "linux")]
+mod splice;
 mod state;
 mod tunnel;
 mod tunnel_run;
