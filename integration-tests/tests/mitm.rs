@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use portcullis_integration_tests::origin::http_echo;
 use portcullis_integration_tests::raw::{connect, read_response_opts};
 use portcullis_integration_tests::tls_origin::{HttpsOrigin, https_echo, https_echo_443};
 use portcullis_integration_tests::{
@@ -195,6 +196,15 @@ fn untrusted_upstream_certificate_is_502_never_a_downgrade() {
     );
     assert!(r.header("x-portcullis-decision-id").is_none());
     assert!(origin.origin.requests().is_empty());
+
+    // An origin that answers the TLS handshake with plain HTTP (garbage for TLS): also 502.
+    let plain = http_echo("127.0.0.1");
+    let target = format!("127.0.0.1:{}", plain.port());
+    let m = start(&target, "limited", None);
+    let r = via_connect(&m, &[], &format!("https://{target}/"));
+    assert_eq!(r.status, 502, "{} {}", r.text(), r.stderr);
+    assert_eq!(r.header("x-proxy-error"), Some("upstream-tls-failed"));
+    assert!(plain.requests().is_empty());
 }
 
 #[test]
