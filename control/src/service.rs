@@ -151,6 +151,7 @@ impl Services {
                     if let Ok(mut cur) = self.rules.lock() {
                         *cur = rules;
                     }
+                    self.resolve_asks_by_policy().await;
                 }
             }
             Ok(Err((_, msg))) => {
@@ -414,6 +415,7 @@ impl Control for Services {
         &self,
         request: Request<v1::ApproveRequest>,
     ) -> Result<Response<v1::ApproveResponse>, Status> {
+        let deadline = crate::reevaluate::request_deadline(&request);
         let r = request.into_inner();
         check_pending_id(&r.pending_id)?;
         let actor = actor_of(r.actor)?;
@@ -454,6 +456,8 @@ impl Control for Services {
             .await?;
         if outcome == v1::Outcome::AllowAlways {
             policy_version = self.state.version();
+            // The new rule may decide other pending asks too.
+            self.resolve_asks_by_policy().await;
         }
         if persist_failed {
             return Err(Status::internal(format!(
@@ -461,12 +465,16 @@ impl Control for Services {
                 ask.id
             )));
         }
+        let session = (outcome == v1::Outcome::AllowSession).then_some(ask.session_id.as_str());
+        let (enforced, lagging_proxies) = self
+            .enforcement(r.wait_for_enforcement, policy_version, session, deadline)
+            .await;
         Ok(Response::new(v1::ApproveResponse {
             ask: Some(ask),
             outcome: outcome as i32,
             policy_version,
-            enforced: false,
-            lagging_proxies: Vec::new(),
+            enforced,
+            lagging_proxies,
         }))
     }
 
@@ -474,6 +482,7 @@ impl Control for Services {
         &self,
         request: Request<v1::DenyRequest>,
     ) -> Result<Response<v1::DenyResponse>, Status> {
+        let deadline = crate::reevaluate::request_deadline(&request);
         let r = request.into_inner();
         check_pending_id(&r.pending_id)?;
         let actor = actor_of(r.actor)?;
@@ -502,16 +511,21 @@ impl Control for Services {
                 ask.id
             )));
         }
+        let policy_version = if outcome == v1::Outcome::DenyAlways {
+            self.resolve_asks_by_policy().await;
+            self.state.version()
+        } else {
+            0
+        };
+        let (enforced, lagging_proxies) = self
+            .enforcement(r.wait_for_enforcement, policy_version, None, deadline)
+            .await;
         Ok(Response::new(v1::DenyResponse {
             ask: Some(ask),
             outcome: outcome as i32,
-            policy_version: if outcome == v1::Outcome::DenyAlways {
-                self.state.version()
-            } else {
-                0
-            },
-            enforced: false,
-            lagging_proxies: Vec::new(),
+            policy_version,
+            enforced,
+            lagging_proxies,
         }))
     }
 
@@ -672,12 +686,20 @@ impl Control for Services {
         &self,
         request: Request<v1::AddRuleRequest>,
     ) -> Result<Response<v1::AddRuleResponse>, Status> {
-        let rule = rule_from_request(&request.into_inner())?;
+        let deadline = crate::reevaluate::request_deadline(&request);
+        let r = request.into_inner();
+        let rule = rule_from_request(&r)?;
         let line = rule.canonical();
         let (added, version, rules) = self
             .persist(rule)
             .await
             .map_err(Status::failed_precondition)?;
+        if added {
+            self.resolve_asks_by_policy().await;
+        }
+        let (enforced, lagging_proxies) = self
+            .enforcement(r.wait_for_enforcement, version, None, deadline)
+            .await;
         let entry = rules
             .iter()
             .find(|r| r.canonical() == line)
@@ -696,8 +718,8 @@ impl Control for Services {
             rule: entry,
             added,
             policy_version: version,
-            enforced: false,
-            lagging_proxies: Vec::new(),
+            enforced,
+            lagging_proxies,
         }))
     }
 
@@ -705,6 +727,7 @@ impl Control for Services {
         &self,
         request: Request<v1::RemoveRuleRequest>,
     ) -> Result<Response<v1::RemoveRuleResponse>, Status> {
+        let deadline = crate::reevaluate::request_deadline(&request);
         let r = request.into_inner();
         let host = crate::rules::host::parse_host(&r.host)
             .map_err(|m| Status::invalid_argument(format!("host: {m}")))?;
@@ -735,11 +758,15 @@ impl Control for Services {
         if let Ok(mut cur) = self.rules.lock() {
             *cur = rules;
         }
+        self.resolve_asks_by_policy().await;
+        let (enforced, lagging_proxies) = self
+            .enforcement(r.wait_for_enforcement, version, None, deadline)
+            .await;
         Ok(Response::new(v1::RemoveRuleResponse {
             removed: removed as u32,
             policy_version: version,
-            enforced: false,
-            lagging_proxies: Vec::new(),
+            enforced,
+            lagging_proxies,
         }))
     }
 

@@ -210,6 +210,26 @@ async fn ask(
     let result = asker.ask(req).await;
     shared.metrics().ask_wait(waited.elapsed());
     match result {
+        AskResult::Answer(a) if is_policy_answer(&a) => {
+            // A policy change resolved the ask; its snapshot came first on the stream, so the
+            // current policy renders the answer as a plain list decision (decisions.md §2).
+            let rt = shared.runtime();
+            let ask_id = (!a.ask_id.is_empty()).then(|| a.ask_id.clone());
+            match rt.policy.check_name(ctx) {
+                NameStage::Proceed(p) if a.verdict == "allow" => Ok((p, a.ask_id)),
+                NameStage::Refuse(r) if a.verdict != "allow" && r.verdict == Verdict::Deny => {
+                    let mut d = r.into_decision(ctx, client, shared.origin());
+                    d.ask_id = ask_id;
+                    Err(shared.reporter().report(d))
+                }
+                _ if a.verdict == "allow" => Ok((rt.policy.approved(ctx), a.ask_id)),
+                _ => Err(deny(
+                    Reason::parse(&a.reason),
+                    MessageKind::PolicyDenied,
+                    ask_id,
+                )),
+            }
+        }
         AskResult::Answer(a) if a.verdict == "allow" => {
             let rt = shared.runtime();
             Ok((rt.policy.approved(ctx), a.ask_id))
@@ -243,6 +263,11 @@ async fn ask(
             None,
         )),
     }
+}
+
+/// An answer that a policy change produced (`POLICY_ALLOW` / `POLICY_DENY`).
+fn is_policy_answer(a: &v1::AskAnswer) -> bool {
+    a.outcome == v1::Outcome::PolicyAllow as i32 || a.outcome == v1::Outcome::PolicyDeny as i32
 }
 
 /// 502/504 for an allowed name without addresses (`policy.md` §4 step 5.2).

@@ -95,7 +95,7 @@ impl Ca {
 
     /// Loads a PEM certificate and a private PKCS#8 key (a regular file, mode 0600 or stricter).
     pub fn load(cert_path: &Path, key_path: &Path) -> Result<Ca, String> {
-        let key_pem = crate::policy_build::read_secret_file("mitm.ca_key_file", key_path)?;
+        let key_pem = portcullis::secret::read_secret_file("mitm.ca_key_file", key_path)?;
         let key = KeyPair::from_pem(&key_pem).map_err(|e| {
             format!(
                 "mitm.ca_key_file: {} is not a usable PKCS#8 private key: {e}",
