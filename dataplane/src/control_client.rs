@@ -242,8 +242,8 @@ fn apply(shared: &Shared, snap: &v1::PolicySnapshot) -> Result<(), String> {
     let spec = PolicySpec {
         enabled: n.enabled,
         limited: n.mode == Mode::Limited,
-        // Interception is not implemented yet: limited-mode HTTPS stays refused.
-        mitm: false,
+        // Interception is prepared at startup exactly when `network.mitm = true`.
+        mitm: current.config.network.mitm,
         allow_local_binding: n.allow_local_binding,
         allowed: lists.allowed,
         denied: lists.denied,

@@ -6,6 +6,7 @@ pub mod dns;
 pub mod origin;
 pub mod proxy;
 pub mod raw;
+pub mod tls_origin;
 
 pub use curl::{CurlResult, curl};
 pub use dns::DnsServer;
