@@ -708,3 +708,85 @@ fn socks_connect_helper_half_close_and_refusal() {
         "portcullis: SOCKS5 proxy refused denied.test:22 (reply 0x02: blocked by network policy)"
     );
 }
+
+#[test]
+fn curl_https_through_exec_allowed_and_blocked() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = portcullis_integration_tests::tls_origin::https_echo_at(
+        "127.0.0.1",
+        0,
+        &["secure.test", "blocked-secure.test"],
+    )
+    .unwrap();
+    let dns = DnsServer::start();
+    for name in ["secure.test", "blocked-secure.test"] {
+        dns.set(name, &["127.0.0.1".parse().unwrap()]);
+    }
+    let cfg = config(
+        dir.path(),
+        Some(&dns),
+        "allowed_domains = [\"secure.test\"]\ndenied_domains = [\"blocked-secure.test\"]",
+        "",
+    );
+    let port = origin.port();
+    let ca = origin.ca.pem_path.display().to_string();
+    let script = format!(
+        "curl -sS --cacert {ca} -o /dev/null -w 'ok=%{{http_code}}\\n' https://secure.test:{port}/; \
+         curl -sS --cacert {ca} https://blocked-secure.test:{port}/ 2>&1; echo"
+    );
+    let out = run(&cfg, &["--no-prompt"], &["sh", "-c", &script]);
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stdout.contains("ok=200"), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("CONNECT tunnel failed, response 403"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "portcullis: blocked blocked-secure.test:{port} (https_connect): denied x1"
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn ca_vars_only_with_mitm() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), None, "mitm = true", "");
+    let out = run(&cfg, &[], &["env", "-0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let env = env_map(&out.stdout);
+    let bundle = env["SSL_CERT_FILE"].clone();
+    let ca = env["PORTCULLIS_CA_CERTIFICATE"].clone();
+    assert!(bundle.ends_with("/mitm/ca-bundle.pem"), "{bundle}");
+    assert_eq!(env["NODE_EXTRA_CA_CERTS"], ca);
+    for k in [
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "GIT_SSL_CAINFO",
+        "PIP_CERT",
+    ] {
+        assert_eq!(env[k], bundle, "{k}");
+    }
+    // The files lived in exec's private directory, which is gone now; check them while the
+    // command runs instead.
+    let script = "cat \"$SSL_CERT_FILE\" > bundle.pem; cat \"$PORTCULLIS_CA_CERTIFICATE\" > ca.pem";
+    let mut cmd = exec_command(&cfg, &[], &["sh", "-c", script]);
+    cmd.current_dir(dir.path());
+    let out = finish(cmd.spawn().unwrap(), Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let bundle = std::fs::read_to_string(dir.path().join("bundle.pem")).unwrap();
+    let ca = std::fs::read_to_string(dir.path().join("ca.pem")).unwrap();
+    assert!(ca.contains("BEGIN CERTIFICATE"), "{ca}");
+    assert!(
+        bundle.contains(ca.trim()),
+        "the bundle holds the interception CA"
+    );
+    assert!(!bundle.contains("PRIVATE KEY") && !ca.contains("PRIVATE KEY"));
+    assert!(
+        !Path::new(&env["SSL_CERT_FILE"]).exists(),
+        "private directory removed"
+    );
+}
