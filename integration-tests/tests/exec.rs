@@ -790,3 +790,55 @@ fn ca_vars_only_with_mitm() {
         "private directory removed"
     );
 }
+
+#[test]
+fn sidecar_gets_original_env() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = http_echo("127.0.0.1");
+    let dns = DnsServer::start();
+    dns.set("chained.test", &["127.0.0.1".parse().unwrap()]);
+    let dns_cfg = format!(
+        "[network]\nallow_local_binding = true\ndns_servers = [\"{}\"]\n",
+        dns.addr_string()
+    );
+    // The outer proxy stands for a corporate proxy in exec's own environment.
+    let outer = portcullis_integration_tests::ProxyProcess::start(
+        &["--allow", "chained.test"],
+        Some(&dns_cfg),
+    );
+    let outer_url = format!("http://{}", outer.http);
+    let cfg = config(
+        dir.path(),
+        Some(&dns),
+        "allowed_domains = [\"chained.test\"]",
+        "",
+    );
+    let port = origin.port();
+    let script = format!(
+        "echo \"child=$HTTP_PROXY\"; curl -sS -o /dev/null -w 'code=%{{http_code}}\\n' http://chained.test:{port}/via-outer"
+    );
+    let mut cmd = exec_command(&cfg, &["--no-prompt"], &["sh", "-c", &script]);
+    cmd.env("HTTP_PROXY", &outer_url)
+        .env("http_proxy", &outer_url)
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy");
+    let out = finish(cmd.spawn().unwrap(), Duration::from_secs(60));
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(stdout.contains("code=200"), "{stdout}");
+    let child_proxy = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("child="))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        child_proxy.starts_with("http://127.0.0.1:"),
+        "{child_proxy}"
+    );
+    assert_ne!(child_proxy, outer_url, "the child talks to the sidecar");
+    assert!(
+        outer.wait_for_stderr("route=direct", Duration::from_secs(5)),
+        "the sidecar did not use the outer proxy: {}",
+        outer.stderr_text()
+    );
+}
