@@ -1,12 +1,14 @@
 //! Test support for black-box tests of the real Portcullis binaries: process spawning, a test
 //! DNS server, loopback origins, and curl / raw-socket clients.
 
+pub mod control;
 pub mod curl;
 pub mod dns;
 pub mod origin;
 pub mod proxy;
 pub mod raw;
 
+pub use control::ControlProcess;
 pub use curl::{CurlResult, curl};
 pub use dns::DnsServer;
 pub use proxy::{ProxyProcess, run_to_exit};
