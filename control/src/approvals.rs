@@ -288,7 +288,7 @@ impl Approvals {
 
     /// Resolves an ask and answers every waiter; session allows are pushed first so released
     /// requests and later ones see the same policy (control.md §6 rule 7).
-    /// (Kept for callers that have no approver address; they are audited as `unknown`.)
+    /// (Kept for callers without an approver address.)
     #[allow(dead_code)]
     pub async fn resolve(
         &self,
@@ -297,25 +297,44 @@ impl Approvals {
         outcome: v1::Outcome,
         actor: &str,
     ) -> Result<(v1::PendingAsk, u64), Status> {
-        self.resolve_by(state, id, outcome, actor, "unknown", None)
+        self.resolve_with_reason(state, id, outcome, actor, "approval_denied")
             .await
     }
 
-    /// As [`Approvals::resolve`], naming the approver's address (`client.address` of the
-    /// `portcullis.approval` audit record) and the justification, if any.
+    /// [`Approvals::resolve`] with the reason denied waiters get (`denied` or `not_allowed`
+    /// when a policy change resolved the ask, control.md §7 rule 10).
+    pub async fn resolve_with_reason(
+        &self,
+        state: &Arc<ControlState>,
+        id: &str,
+        outcome: v1::Outcome,
+        actor: &str,
+        deny_reason: &str,
+    ) -> Result<(v1::PendingAsk, u64), Status> {
+        self.resolve_by(state, id, outcome, actor, deny_reason, "unknown", None)
+            .await
+    }
+
+    /// [`Approvals::resolve_with_reason`], naming the approver's address (`client.address` of
+    /// the `portcullis.approval` audit record) and the justification, if any.
+    #[allow(clippy::too_many_arguments)]
     pub async fn resolve_by(
         &self,
         state: &Arc<ControlState>,
         id: &str,
         outcome: v1::Outcome,
         actor: &str,
+        deny_reason: &str,
         client_address: &str,
         justification: Option<&str>,
     ) -> Result<(v1::PendingAsk, u64), Status> {
         let p = self.take(id)?;
         let allow = matches!(
             outcome,
-            v1::Outcome::AllowOnce | v1::Outcome::AllowSession | v1::Outcome::AllowAlways
+            v1::Outcome::AllowOnce
+                | v1::Outcome::AllowSession
+                | v1::Outcome::AllowAlways
+                | v1::Outcome::PolicyAllow
         );
         let mut version = 0;
         if outcome == v1::Outcome::AllowSession {
@@ -334,7 +353,7 @@ impl Approvals {
                     w.ask_ref,
                     id,
                     allow,
-                    "approval_denied",
+                    deny_reason,
                     outcome,
                     actor,
                 )))
@@ -342,12 +361,14 @@ impl Approvals {
         }
         self.remember(id, format!("{label} by {actor}"));
         let persisted = matches!(outcome, v1::Outcome::AllowAlways | v1::Outcome::DenyAlways);
+        // Policy changes are the system's doing (audit.md §3).
+        let by_policy = matches!(outcome, v1::Outcome::PolicyAllow | v1::Outcome::PolicyDeny);
         crate::audit::approval(
             &p.ask,
             &crate::audit::Resolution {
                 outcome: Some(outcome),
-                actor,
-                client_address,
+                actor: if by_policy { "system" } else { actor },
+                client_address: if by_policy { "unknown" } else { client_address },
                 waiters: p.waiters.len(),
                 persisted,
                 policy_version: if persisted { state.version() } else { version },

@@ -32,6 +32,9 @@ pub struct Services {
     pub rules: Arc<std::sync::Mutex<Vec<crate::rules::Rule>>>,
     /// The rules file.
     pub rules_path: std::path::PathBuf,
+    /// Why the rules file on disk is not in force (its last reload failed: `PATH:LINE:COLUMN:
+    /// MESSAGE` or a read error); empty when the file and memory agree. `GetStatus.rules_error`.
+    pub rules_error: Arc<std::sync::Mutex<String>>,
     /// `approvals.max_session_allows`.
     pub max_session_allows: usize,
 }
@@ -142,6 +145,12 @@ impl Services {
     pub async fn reload_rules(&self) {
         let path = self.rules_path.clone();
         let loaded = tokio::task::spawn_blocking(move || crate::rules::load(&path)).await;
+        let error = match &loaded {
+            Ok(Ok(_)) => String::new(),
+            Ok(Err((_, msg))) => msg.clone(),
+            Err(e) => format!("rules reload failed: {e}"),
+        };
+        self.set_rules_error(error);
         match loaded {
             Ok(Ok(rules)) => {
                 let changed = self.rules.lock().map(|cur| *cur != rules).unwrap_or(true);
@@ -151,6 +160,7 @@ impl Services {
                     if let Ok(mut cur) = self.rules.lock() {
                         *cur = rules;
                     }
+                    self.resolve_asks_by_policy().await;
                 }
             }
             Ok(Err((_, msg))) => {
@@ -160,17 +170,37 @@ impl Services {
         }
     }
 
+    fn set_rules_error(&self, error: String) {
+        if let Ok(mut cur) = self.rules_error.lock() {
+            *cur = error;
+        }
+    }
+
     /// Appends a rule under the file lock; on success the new rules are enforced and pushed.
+    /// On failure (the file no longer parses, write or lock error) nothing is written; the file
+    /// is re-read so memory and `rules_error` match the disk (network-rules.md §5.5, §6.2).
     async fn persist(
         &self,
         rule: crate::rules::Rule,
     ) -> Result<(bool, u64, Vec<crate::rules::Rule>), String> {
         let path = self.rules_path.clone();
-        let (added, rules) =
+        let written =
             tokio::task::spawn_blocking(move || crate::rules::store::append(&path, &rule))
                 .await
-                .map_err(|e| format!("rules writer failed: {e}"))??;
-        let version = if added {
+                .map_err(|e| format!("rules writer failed: {e}"))
+                .and_then(|r| r);
+        let (added, rules) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!("rules file not written: {e}");
+                self.reload_rules().await;
+                return Err(e);
+            }
+        };
+        self.set_rules_error(String::new());
+        // The file may also hold lines other processes wrote since the last read.
+        let changed = self.rules.lock().map(|cur| *cur != rules).unwrap_or(true);
+        let version = if added || changed {
             self.state.set_rules(&crate::rules::compile(&rules)).await
         } else {
             self.state.version()
@@ -422,11 +452,12 @@ impl Control for Services {
         request: Request<v1::ApproveRequest>,
     ) -> Result<Response<v1::ApproveResponse>, Status> {
         let peer = peer_label(&request);
+        let deadline = crate::reevaluate::request_deadline(&request);
         let r = request.into_inner();
         check_pending_id(&r.pending_id)?;
         let actor = actor_of(r.actor)?;
         let (outcome, persist_failed) = match v1::ApprovalScope::try_from(r.scope) {
-            Ok(v1::ApprovalScope::Once) => (v1::Outcome::AllowOnce, false),
+            Ok(v1::ApprovalScope::Once) => (v1::Outcome::AllowOnce, None),
             Ok(v1::ApprovalScope::Session) => {
                 let ask = self.approvals.get(&r.pending_id)?;
                 if self.state.session_allow_count(&ask.session_id) >= self.max_session_allows {
@@ -436,17 +467,19 @@ impl Control for Services {
                         ask.session_id, self.max_session_allows
                     )));
                 }
-                (v1::Outcome::AllowSession, false)
+                (v1::Outcome::AllowSession, None)
             }
             Ok(v1::ApprovalScope::Always) => {
                 // Persist first: the new snapshot reaches the proxies before the answer.
                 let ask = self.approvals.get(&r.pending_id)?;
                 let rule = always_rule(&ask, true, r.justification.clone(), &actor);
                 match self.persist(rule).await {
-                    Ok(_) => (v1::Outcome::AllowAlways, false),
+                    Ok(_) => (v1::Outcome::AllowAlways, None),
                     Err(e) => {
-                        tracing::error!("could not persist rule: {e}");
-                        (v1::Outcome::AllowSession, true)
+                        tracing::error!(
+                            "could not persist rule: {e}; applying as allow_session only"
+                        );
+                        (v1::Outcome::AllowSession, Some(e))
                     }
                 }
             }
@@ -463,25 +496,32 @@ impl Control for Services {
                 &r.pending_id,
                 outcome,
                 &actor,
+                "approval_denied",
                 &peer,
                 r.justification.as_deref(),
             )
             .await?;
         if outcome == v1::Outcome::AllowAlways {
             policy_version = self.state.version();
+            // The new rule may decide other pending asks too.
+            self.resolve_asks_by_policy().await;
         }
-        if persist_failed {
+        if let Some(e) = persist_failed {
             return Err(Status::internal(format!(
-                "could not persist rule for ask {}; applied as allow_session only",
+                "could not persist rule: {e}; applied as allow_session only (ask {})",
                 ask.id
             )));
         }
+        let session = (outcome == v1::Outcome::AllowSession).then_some(ask.session_id.as_str());
+        let (enforced, lagging_proxies) = self
+            .enforcement(r.wait_for_enforcement, policy_version, session, deadline)
+            .await;
         Ok(Response::new(v1::ApproveResponse {
             ask: Some(ask),
             outcome: outcome as i32,
             policy_version,
-            enforced: false,
-            lagging_proxies: Vec::new(),
+            enforced,
+            lagging_proxies,
         }))
     }
 
@@ -490,19 +530,20 @@ impl Control for Services {
         request: Request<v1::DenyRequest>,
     ) -> Result<Response<v1::DenyResponse>, Status> {
         let peer = peer_label(&request);
+        let deadline = crate::reevaluate::request_deadline(&request);
         let r = request.into_inner();
         check_pending_id(&r.pending_id)?;
         let actor = actor_of(r.actor)?;
         let (outcome, persist_failed) = match v1::ApprovalScope::try_from(r.scope) {
-            Ok(v1::ApprovalScope::Once) => (v1::Outcome::DenyOnce, false),
+            Ok(v1::ApprovalScope::Once) => (v1::Outcome::DenyOnce, None),
             Ok(v1::ApprovalScope::Always) => {
                 let ask = self.approvals.get(&r.pending_id)?;
                 let rule = always_rule(&ask, false, r.justification.clone(), &actor);
                 match self.persist(rule).await {
-                    Ok(_) => (v1::Outcome::DenyAlways, false),
+                    Ok(_) => (v1::Outcome::DenyAlways, None),
                     Err(e) => {
-                        tracing::error!("could not persist rule: {e}");
-                        (v1::Outcome::DenyOnce, true)
+                        tracing::error!("could not persist rule: {e}; applying as deny_once only");
+                        (v1::Outcome::DenyOnce, Some(e))
                     }
                 }
             }
@@ -515,26 +556,32 @@ impl Control for Services {
                 &r.pending_id,
                 outcome,
                 &actor,
+                "approval_denied",
                 &peer,
                 r.justification.as_deref(),
             )
             .await?;
-        if persist_failed {
+        if let Some(e) = persist_failed {
             return Err(Status::internal(format!(
-                "could not persist rule for ask {}; applied as deny_once only",
+                "could not persist rule: {e}; applied as deny_once only (ask {})",
                 ask.id
             )));
         }
+        let policy_version = if outcome == v1::Outcome::DenyAlways {
+            self.resolve_asks_by_policy().await;
+            self.state.version()
+        } else {
+            0
+        };
+        let (enforced, lagging_proxies) = self
+            .enforcement(r.wait_for_enforcement, policy_version, None, deadline)
+            .await;
         Ok(Response::new(v1::DenyResponse {
             ask: Some(ask),
             outcome: outcome as i32,
-            policy_version: if outcome == v1::Outcome::DenyAlways {
-                self.state.version()
-            } else {
-                0
-            },
-            enforced: false,
-            lagging_proxies: Vec::new(),
+            policy_version,
+            enforced,
+            lagging_proxies,
         }))
     }
 
@@ -695,12 +742,20 @@ impl Control for Services {
         &self,
         request: Request<v1::AddRuleRequest>,
     ) -> Result<Response<v1::AddRuleResponse>, Status> {
-        let rule = rule_from_request(&request.into_inner())?;
+        let deadline = crate::reevaluate::request_deadline(&request);
+        let r = request.into_inner();
+        let rule = rule_from_request(&r)?;
         let line = rule.canonical();
         let (added, version, rules) = self
             .persist(rule)
             .await
             .map_err(Status::failed_precondition)?;
+        if added {
+            self.resolve_asks_by_policy().await;
+        }
+        let (enforced, lagging_proxies) = self
+            .enforcement(r.wait_for_enforcement, version, None, deadline)
+            .await;
         let entry = rules
             .iter()
             .find(|r| r.canonical() == line)
@@ -719,8 +774,8 @@ impl Control for Services {
             rule: entry,
             added,
             policy_version: version,
-            enforced: false,
-            lagging_proxies: Vec::new(),
+            enforced,
+            lagging_proxies,
         }))
     }
 
@@ -728,6 +783,7 @@ impl Control for Services {
         &self,
         request: Request<v1::RemoveRuleRequest>,
     ) -> Result<Response<v1::RemoveRuleResponse>, Status> {
+        let deadline = crate::reevaluate::request_deadline(&request);
         let r = request.into_inner();
         let host = crate::rules::host::parse_host(&r.host)
             .map_err(|m| Status::invalid_argument(format!("host: {m}")))?;
@@ -742,11 +798,19 @@ impl Control for Services {
         };
         let path = self.rules_path.clone();
         let name = host.host.clone();
-        let (removed, rules) =
+        let written =
             tokio::task::spawn_blocking(move || crate::rules::store::remove(&path, &name, port))
                 .await
-                .map_err(|e| Status::internal(format!("rules writer failed: {e}")))?
-                .map_err(Status::failed_precondition)?;
+                .map_err(|e| Status::internal(format!("rules writer failed: {e}")))?;
+        let (removed, rules) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!("rules file not written: {e}");
+                self.reload_rules().await;
+                return Err(Status::failed_precondition(e));
+            }
+        };
+        self.set_rules_error(String::new());
         if removed == 0 {
             return Err(Status::not_found(format!(
                 "no rule for {}{}",
@@ -758,11 +822,15 @@ impl Control for Services {
         if let Ok(mut cur) = self.rules.lock() {
             *cur = rules;
         }
+        self.resolve_asks_by_policy().await;
+        let (enforced, lagging_proxies) = self
+            .enforcement(r.wait_for_enforcement, version, None, deadline)
+            .await;
         Ok(Response::new(v1::RemoveRuleResponse {
             removed: removed as u32,
             policy_version: version,
-            enforced: false,
-            lagging_proxies: Vec::new(),
+            enforced,
+            lagging_proxies,
         }))
     }
 
@@ -840,7 +908,11 @@ impl Control for Services {
             audit_events_total: crate::audit::counts().total,
             audit_events_exported: crate::audit::counts().exported,
             audit_events_dropped: crate::audit::counts().dropped(),
-            ..Default::default()
+            rules_error: self
+                .rules_error
+                .lock()
+                .map(|e| e.clone())
+                .unwrap_or_default(),
         }))
     }
 }

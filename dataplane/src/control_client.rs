@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use portcullis::config::{Config, ControlEndpoint, Mode};
-use portcullis::decision::{Decision, Protocol, Verdict};
+use portcullis::decision::{Decision, Verdict};
 use portcullis::policy::{AskMode, CompiledPolicy, PolicySpec};
 use portcullis::proto::v1;
 use portcullis::proto::v1::data_plane_client::DataPlaneClient;
@@ -18,8 +18,8 @@ use crate::state::{Runtime, Settings, Shared};
 
 /// How the proxy reaches its control plane.
 pub struct AttachConfig {
-    /// `http://HOST:PORT`.
-    pub url: String,
+    /// `http://HOST:PORT` or `unix:/abs/path`.
+    pub endpoint: ControlEndpoint,
     /// Bearer token file (re-read on every attempt: rotation needs no restart).
     pub token_file: std::path::PathBuf,
     /// First reconnect delay.
@@ -34,17 +34,9 @@ impl AttachConfig {
         let Some(endpoint) = &c.control.endpoint else {
             return Ok(None);
         };
-        let url = match endpoint {
-            ControlEndpoint::Http { .. } => endpoint.to_string(),
-            ControlEndpoint::Unix(_) => {
-                return Err(format!(
-                    "control.endpoint: {endpoint}: unix-socket endpoints are not supported by this proxy yet"
-                ));
-            }
-        };
         let token_file = c.control_token_file().map_err(|e| e.to_string())?;
         Ok(Some(AttachConfig {
-            url,
+            endpoint: endpoint.clone(),
             token_file,
             initial: Duration::from_millis(c.control.reconnect_initial_ms),
             max: Duration::from_millis(c.control.reconnect_max_ms),
@@ -110,16 +102,15 @@ async fn session(
     report_allows: &AtomicBool,
     attempt: &mut u32,
 ) -> Result<(), String> {
-    let token = crate::policy_build::read_secret_file("control.token_file", &cfg.token_file)?;
+    let token = portcullis::secret::read_secret_file("control.token_file", &cfg.token_file)?;
     let auth: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = format!("Bearer {token}")
         .parse()
         .map_err(|_| "control.token_file: the token is not a valid header value".to_string())?;
-    let channel = tonic::transport::Endpoint::from_shared(cfg.url.clone())
-        .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect()
+    let options = portcullis::endpoint::ChannelOptions {
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: None,
+    };
+    let channel = portcullis::endpoint::connect(&cfg.endpoint, options)
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
     let mut client =
@@ -247,37 +238,16 @@ fn apply(shared: &Shared, snap: &v1::PolicySnapshot) -> Result<(), String> {
     if unix_allowed && shared.bound().all().any(|a| !a.ip().is_loopback()) {
         return Err("the snapshot allows unix sockets while a listener is not loopback".into());
     }
-    let mut allowed = snap.allowed_domains.clone();
-    let mut denied = snap.denied_domains.clone();
-    for r in &snap.port_rules {
-        let host = if r.host.contains(':') {
-            format!("[{}]", r.host)
-        } else {
-            r.host.clone()
-        };
-        let entry = format!("{host}:{}", r.port);
-        match r.decision.as_str() {
-            "allow" => allowed.push(entry),
-            "deny" => denied.push(entry),
-            other => return Err(format!("port_rules: invalid decision {other:?}")),
-        }
-    }
-    let mut session_allows = Vec::with_capacity(snap.session_allows.len());
-    for s in &snap.session_allows {
-        let protocol = Protocol::parse(&s.protocol)
-            .ok_or_else(|| format!("session_allows: invalid protocol {:?}", s.protocol))?;
-        let port = u16::try_from(s.port).map_err(|_| "session_allows: invalid port".to_string())?;
-        session_allows.push((s.host.clone(), protocol, port));
-    }
+    let lists = portcullis::proto::SnapshotLists::from_snapshot(snap)?;
     let spec = PolicySpec {
         enabled: n.enabled,
         limited: n.mode == Mode::Limited,
-        // Interception is not implemented yet: limited-mode HTTPS stays refused.
-        mitm: false,
+        // Interception is prepared at startup exactly when `network.mitm = true`.
+        mitm: current.config.network.mitm,
         allow_local_binding: n.allow_local_binding,
-        allowed,
-        denied,
-        session_allows,
+        allowed: lists.allowed,
+        denied: lists.denied,
+        session_allows: lists.session_allows,
         asks: if snap.asks_enabled {
             AskMode::Enabled
         } else {

@@ -8,11 +8,14 @@ mod control_client;
 mod dial;
 mod http;
 mod listeners;
+mod mitm;
 mod pipeline;
 mod policy_build;
 mod report;
 mod resolve;
 mod socks5;
+#[cfg(target_os = "linux")]
+mod splice;
 mod state;
 mod telemetry;
 mod tunnel;
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
 
 async fn run(args: cli::Args, audit_slot: portcullis::telemetry::AuditSlot) -> ExitCode {
     let overrides = policy_build::overrides_from_args(&args);
+    let flag_policy = !args.allow.is_empty() || !args.deny.is_empty() || args.mode.is_some();
     let config = match app::load_config(args.config.as_deref(), &overrides) {
         Ok(c) => c,
         Err(msg) => {
@@ -78,11 +82,6 @@ async fn run(args: cli::Args, audit_slot: portcullis::telemetry::AuditSlot) -> E
             return ExitCode::from(2);
         }
     };
-    if runtime.config.network.mitm {
-        tracing::warn!(
-            "network.mitm = true, but HTTPS interception is not implemented yet: in limited mode CONNECT and SOCKS5 to port 443 are refused with mitm_required"
-        );
-    }
     let nofile = listeners::raise_nofile_limit();
     let max_conns = runtime.config.limits.max_connections as u64;
     if nofile < 2 * max_conns + 256 {
@@ -130,7 +129,7 @@ async fn run(args: cli::Args, audit_slot: portcullis::telemetry::AuditSlot) -> E
         &runtime.config.network.socks_password_file,
     ) {
         (Some(user), Some(file)) => {
-            match policy_build::read_secret_file("network.socks_password_file", file) {
+            match portcullis::secret::read_secret_file("network.socks_password_file", file) {
                 Ok(password) => Some(socks5::auth::Credentials {
                     username: user.clone(),
                     password,
@@ -148,9 +147,17 @@ async fn run(args: cli::Args, audit_slot: portcullis::telemetry::AuditSlot) -> E
     let mut reporter = report::Reporter::new(blocked_log_size);
     let mut control_events = None;
     if attach.is_some() {
-        tracing::warn!(
-            "attached to a control plane: local policy keys (lists, mode, allow_local_binding, unix sockets) and --allow/--deny/--mode are ignored; the snapshots decide"
-        );
+        // Only flags given for this run are worth a warning; the file's lists reach the
+        // control plane through its own merge when both read the same config.
+        if flag_policy {
+            tracing::warn!(
+                "attached to a control plane: --allow/--deny/--mode are ignored; the snapshots decide"
+            );
+        } else {
+            tracing::info!(
+                "attached to a control plane: local policy keys (lists, mode, allow_local_binding, unix sockets) are ignored; the snapshots decide"
+            );
+        }
         let (tx, rx) = tokio::sync::mpsc::channel(runtime.config.control.event_buffer as usize);
         reporter.add_sink(Box::new(report::ChannelSink::new(
             report::Sink::Control,
@@ -228,7 +235,7 @@ async fn run(args: cli::Args, audit_slot: portcullis::telemetry::AuditSlot) -> E
     }
 
     if let (Some(cfg), Some(events)) = (attach, control_events) {
-        let url = cfg.url.clone();
+        let url = cfg.endpoint.to_string();
         let (first_tx, first_rx) = tokio::sync::oneshot::channel();
         shared.set_asker(std::sync::Arc::new(asker::Asker::new(
             shared.runtime().config.limits.max_pending_approvals as usize,
@@ -250,10 +257,30 @@ async fn run(args: cli::Args, audit_slot: portcullis::telemetry::AuditSlot) -> E
             }
         }
     }
+    // HTTPS interception: CA and exported trust files exist before the ready line (http.md §9).
+    let mitm = if shared.runtime().config.network.mitm {
+        let config = shared.runtime().config.clone();
+        let proxy_id = shared.origin().proxy_id.to_string();
+        match mitm::Mitm::prepare(&config, &proxy_id, &|k| std::env::var(k).ok()) {
+            Ok(m) => {
+                let m = Arc::new(m);
+                shared.set_mitm(m.clone());
+                Some(m)
+            }
+            Err(e) => return startup_failure(&e),
+        }
+    } else {
+        None
+    };
     // Signal handlers exist before anyone can learn our addresses from the ready line.
     let signals = match Signals::install() {
         Ok(s) => s,
-        Err(e) => return startup_failure(&format!("cannot install signal handlers: {e}")),
+        Err(e) => {
+            if let Some(m) = &mitm {
+                m.cleanup();
+            }
+            return startup_failure(&format!("cannot install signal handlers: {e}"));
+        }
     };
     println!("{}", shared.bound().ready_line());
     tracing::info!(proxy_id = %shared.origin().proxy_id, "portcullis-proxy ready");
@@ -270,6 +297,9 @@ async fn run(args: cli::Args, audit_slot: portcullis::telemetry::AuditSlot) -> E
     )
     .await;
     tasks.abort_all();
+    if let Some(m) = &mitm {
+        m.cleanup();
+    }
     telemetry::shutdown(audit).await;
     ExitCode::SUCCESS
 }
