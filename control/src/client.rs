@@ -169,15 +169,6 @@ async fn watch(c: &mut Client, json: bool) -> Result<(), Failure> {
         .await
         .map_err(rpc_error)?
         .into_inner();
-    let outcome_name = |o: i32| {
-        v1::Outcome::try_from(o)
-            .map(|o| {
-                o.as_str_name()
-                    .trim_start_matches("OUTCOME_")
-                    .to_ascii_lowercase()
-            })
-            .unwrap_or_else(|_| "unknown".into())
-    };
     while let Some(e) = stream.message().await.map_err(rpc_error)? {
         let Some(event) = e.event else { continue };
         let (human, machine) = match event {
@@ -197,7 +188,7 @@ async fn watch(c: &mut Client, json: bool) -> Result<(), Failure> {
             }
             Event::Resolved(r) => {
                 let id = r.ask.map(|a| a.id).unwrap_or_default();
-                let outcome = outcome_name(r.outcome);
+                let outcome = portcullis::proto::outcome_label(r.outcome);
                 (
                     format!("resolved {id} {outcome} by {}", r.actor),
                     serde_json::json!({"event": "resolved", "id": id, "outcome": outcome, "actor": r.actor,
