@@ -3,6 +3,7 @@
 mod approvals;
 mod cli;
 mod client;
+mod requirements;
 mod rules;
 mod serve;
 mod service;
@@ -29,6 +30,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // The requirements client uses rustls with the ring provider (requirements.md §2).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

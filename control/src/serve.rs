@@ -46,6 +46,14 @@ pub async fn run(args: ServeArgs) -> ExitCode {
         },
     };
     let listen = clamp(listen, config.control.dangerously_allow_non_loopback);
+    // Enterprise requirements: before any listener serves; fail closed (requirements.md §4).
+    let requirements = match crate::requirements::load_at_startup(&config, &args.policy).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{}", e.message);
+            return ExitCode::from(e.code);
+        }
+    };
     let token_path = match args
         .token_file
         .clone()
@@ -89,7 +97,10 @@ pub async fn run(args: ServeArgs) -> ExitCode {
     tracing::info!(path = %rules_path.display(), rules = rules.len(), "rules loaded");
     let compiled = crate::rules::compile(&rules);
     let state = match ControlState::new(&config, instance_id(), &compiled) {
-        Ok(s) => Arc::new(s),
+        Ok(s) => {
+            s.init_requirements(requirements.active);
+            Arc::new(s)
+        }
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(2);
@@ -185,6 +196,9 @@ pub async fn run(args: ServeArgs) -> ExitCode {
     println!("{{\"event\":\"ready\",\"component\":\"control\",\"grpc\":\"{bound}\"}}");
     tracing::info!(grpc = %bound, "portcullis-control ready");
     let serving = tokio::spawn(server);
+    let refresh = requirements
+        .refresher
+        .map(|r| crate::requirements::spawn_refresh(r, services.state.clone()));
     // Rules edited by hand are picked up within 2 s (inode, size, mtime) and on SIGHUP.
     let watcher = {
         let services = services.clone();
@@ -209,6 +223,9 @@ pub async fn run(args: ServeArgs) -> ExitCode {
     };
     signals.wait(&services).await;
     watcher.abort();
+    if let Some(r) = refresh {
+        r.abort();
+    }
     tracing::info!("shutting down");
     for name in HEALTH_NAMES {
         health_reporter
