@@ -3,6 +3,7 @@
 
 pub mod curl;
 pub mod dns;
+pub mod https_backend;
 pub mod origin;
 pub mod proxy;
 pub mod raw;
