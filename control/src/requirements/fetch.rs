@@ -252,6 +252,10 @@ fn classify_error(e: &reqwest::Error) -> Attempt {
             return Attempt::Fatal(format!("TLS error: {tls}"));
         }
         last = s.to_string();
+        // Some layers carry the rustls error only as text.
+        if last.starts_with("invalid peer certificate") || last.contains("received fatal alert") {
+            return Attempt::Fatal(format!("TLS error: {last}"));
+        }
         source = s.source();
     }
     Attempt::Transient(last, None)
