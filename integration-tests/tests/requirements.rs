@@ -165,12 +165,11 @@ impl Drop for Control {
     }
 }
 
-type Client = ControlClient<
-    tonic::service::interceptor::InterceptedService<
-        tonic::transport::Channel,
-        Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>,
-    >,
->;
+/// Adds the bearer token.
+type Auth = Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+
+type Client =
+    ControlClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Auth>>;
 
 impl Control {
     fn stderr(&self) -> String {
@@ -187,9 +186,7 @@ impl Control {
                 .connect()
                 .await
                 .expect("connect to control");
-            let f: Box<
-                dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send,
-            > = Box::new(move |mut req: tonic::Request<()>| {
+            let f: Auth = Box::new(move |mut req: tonic::Request<()>| {
                 req.metadata_mut().insert("authorization", value.clone());
                 Ok(req)
             });
