@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod decision;
+pub mod endpoint;
 pub mod policy;
 pub mod proto;
 pub mod secret;

@@ -8,6 +8,7 @@ use portcullis::proto::v1;
 use portcullis::proto::v1::control_client::ControlClient;
 
 use crate::cli::{ApproveArgs, ClientArgs, DenyArgs, PendingArgs, PolicyArgs, Scope};
+use crate::exec::destination;
 
 /// Adds the bearer token to every call.
 type Auth = Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
@@ -58,25 +59,31 @@ fn token(args: &ClientArgs) -> Result<String, Failure> {
     crate::token::read(&path).map_err(|e| Failure(1, format!("error: {e}")))
 }
 
-async fn connect(args: &ClientArgs) -> Result<Client, Failure> {
-    if !args.endpoint.starts_with("http://") {
-        return Err(Failure(
+/// Connects; `streaming` drops the per-RPC deadline (a watch runs until interrupted).
+async fn connect(args: &ClientArgs, streaming: bool) -> Result<Client, Failure> {
+    let endpoint = portcullis::config::check_control_endpoint(&args.endpoint).map_err(|e| {
+        Failure(
             2,
-            format!(
-                "usage error: --endpoint: expected http://HOST:PORT (unix: endpoints are not supported by this client yet), got {}",
-                args.endpoint
-            ),
-        ));
-    }
-    let token = token(args)?;
-    let value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = format!("Bearer {token}")
-        .parse()
-        .map_err(|_| Failure(1, "error: the token is not a valid header value".into()))?;
-    let channel = tonic::transport::Endpoint::from_shared(args.endpoint.clone())
-        .map_err(|e| Failure(2, format!("usage error: --endpoint: {e}")))?
-        .connect_timeout(Duration::from_secs(args.timeout))
-        .timeout(Duration::from_secs(args.timeout))
-        .connect()
+            format!("usage error: --endpoint: {e}, got {}", args.endpoint),
+        )
+    })?;
+    // On the unix socket (limited to this user) the token is optional (control.md §1.3): a
+    // missing default token file is not an error there, an explicit one still is.
+    let unix = matches!(endpoint, portcullis::config::ControlEndpoint::Unix(_));
+    let value: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> = match token(args) {
+        Ok(token) => Some(
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| Failure(1, "error: the token is not a valid header value".into()))?,
+        ),
+        Err(_) if unix && args.token_file.is_none() => None,
+        Err(e) => return Err(e),
+    };
+    let options = portcullis::endpoint::ChannelOptions {
+        connect_timeout: Duration::from_secs(args.timeout),
+        request_timeout: (!streaming).then(|| Duration::from_secs(args.timeout)),
+    };
+    let channel = portcullis::endpoint::connect(&endpoint, options)
         .await
         .map_err(|e| {
             Failure(
@@ -88,7 +95,9 @@ async fn connect(args: &ClientArgs) -> Result<Client, Failure> {
             )
         })?;
     let interceptor: Auth = Box::new(move |mut req: tonic::Request<()>| {
-        req.metadata_mut().insert("authorization", value.clone());
+        if let Some(v) = &value {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
         Ok(req)
     });
     Ok(ControlClient::with_interceptor(channel, interceptor))
@@ -97,14 +106,6 @@ async fn connect(args: &ClientArgs) -> Result<Client, Failure> {
 fn actor() -> String {
     let login = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
     format!("cli:{login}")
-}
-
-fn destination(host: &str, port: u32) -> String {
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
 }
 
 fn finish(r: Result<(), Failure>) -> ExitCode {
@@ -121,7 +122,7 @@ fn finish(r: Result<(), Failure>) -> ExitCode {
 pub async fn pending(args: PendingArgs) -> ExitCode {
     finish(
         async {
-            let mut c = connect(&args.client).await?;
+            let mut c = connect(&args.client, args.watch).await?;
             if args.watch {
                 return watch(&mut c, args.client.json).await;
             }
@@ -229,7 +230,7 @@ async fn watch(c: &mut Client, json: bool) -> Result<(), Failure> {
 pub async fn approve(args: ApproveArgs) -> ExitCode {
     finish(
         async {
-            let mut c = connect(&args.client).await?;
+            let mut c = connect(&args.client, false).await?;
             let scope = match args.scope {
                 Scope::Once => v1::ApprovalScope::Once,
                 Scope::Session => v1::ApprovalScope::Session,
@@ -280,7 +281,7 @@ pub async fn approve(args: ApproveArgs) -> ExitCode {
 pub async fn deny(args: DenyArgs) -> ExitCode {
     finish(
         async {
-            let mut c = connect(&args.client).await?;
+            let mut c = connect(&args.client, false).await?;
             let scope = if args.always {
                 v1::ApprovalScope::Always
             } else {
@@ -322,7 +323,7 @@ pub async fn deny(args: DenyArgs) -> ExitCode {
 pub async fn policy(args: PolicyArgs) -> ExitCode {
     finish(
         async {
-            let mut c = connect(&args.client).await?;
+            let mut c = connect(&args.client, false).await?;
             let view = c
                 .get_policy(v1::GetPolicyRequest::default())
                 .await

@@ -3,12 +3,16 @@
 mod approvals;
 mod cli;
 mod client;
+mod exec;
 mod requirements;
 mod rules;
 mod serve;
+mod server;
 mod service;
+mod socks_connect;
 mod state;
 mod token;
+mod unix_listener;
 
 use std::process::ExitCode;
 
@@ -23,7 +27,15 @@ fn main() -> ExitCode {
             return ExitCode::from(e.exit_code() as u8);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+    // exec speaks through `portcullis: ` lines on the user's terminal: unless asked for more,
+    // its own logs are warnings only and the sidecar's errors only (its blocked-log lines
+    // would garble prompts; the exit summary reports blocks instead).
+    let default_log = cli.log == "info" && std::env::var_os("PORTCULLIS_LOG").is_none();
+    let (log, sidecar_log) = match &cli.command {
+        cli::Command::Exec(_) if default_log => ("warn".to_string(), "error".to_string()),
+        _ => (cli.log.clone(), cli.log.clone()),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -39,15 +51,13 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let name = match cli.command {
-        cli::Command::Serve(args) => return rt.block_on(serve::run(args)),
-        cli::Command::Pending(args) => return rt.block_on(client::pending(args)),
-        cli::Command::Approve(args) => return rt.block_on(client::approve(args)),
-        cli::Command::Deny(args) => return rt.block_on(client::deny(args)),
-        cli::Command::Policy(args) => return rt.block_on(client::policy(args)),
-        cli::Command::Exec(_) => "exec",
-        cli::Command::SocksConnect(_) => "socks-connect",
-    };
-    eprintln!("portcullis-control: {name} is not implemented yet");
-    ExitCode::from(1)
+    match cli.command {
+        cli::Command::Serve(args) => rt.block_on(serve::run(args)),
+        cli::Command::Pending(args) => rt.block_on(client::pending(args)),
+        cli::Command::Approve(args) => rt.block_on(client::approve(args)),
+        cli::Command::Deny(args) => rt.block_on(client::deny(args)),
+        cli::Command::Policy(args) => rt.block_on(client::policy(args)),
+        cli::Command::Exec(args) => rt.block_on(exec::run(args, &sidecar_log)),
+        cli::Command::SocksConnect(args) => rt.block_on(socks_connect::run(args)),
+    }
 }

@@ -18,8 +18,8 @@ use crate::state::{Runtime, Settings, Shared};
 
 /// How the proxy reaches its control plane.
 pub struct AttachConfig {
-    /// `http://HOST:PORT`.
-    pub url: String,
+    /// `http://HOST:PORT` or `unix:/abs/path`.
+    pub endpoint: ControlEndpoint,
     /// Bearer token file (re-read on every attempt: rotation needs no restart).
     pub token_file: std::path::PathBuf,
     /// First reconnect delay.
@@ -34,17 +34,9 @@ impl AttachConfig {
         let Some(endpoint) = &c.control.endpoint else {
             return Ok(None);
         };
-        let url = match endpoint {
-            ControlEndpoint::Http { .. } => endpoint.to_string(),
-            ControlEndpoint::Unix(_) => {
-                return Err(format!(
-                    "control.endpoint: {endpoint}: unix-socket endpoints are not supported by this proxy yet"
-                ));
-            }
-        };
         let token_file = c.control_token_file().map_err(|e| e.to_string())?;
         Ok(Some(AttachConfig {
-            url,
+            endpoint: endpoint.clone(),
             token_file,
             initial: Duration::from_millis(c.control.reconnect_initial_ms),
             max: Duration::from_millis(c.control.reconnect_max_ms),
@@ -110,16 +102,15 @@ async fn session(
     report_allows: &AtomicBool,
     attempt: &mut u32,
 ) -> Result<(), String> {
-    let token = crate::policy_build::read_secret_file("control.token_file", &cfg.token_file)?;
+    let token = portcullis::secret::read_secret_file("control.token_file", &cfg.token_file)?;
     let auth: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = format!("Bearer {token}")
         .parse()
         .map_err(|_| "control.token_file: the token is not a valid header value".to_string())?;
-    let channel = tonic::transport::Endpoint::from_shared(cfg.url.clone())
-        .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect()
+    let options = portcullis::endpoint::ChannelOptions {
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: None,
+    };
+    let channel = portcullis::endpoint::connect(&cfg.endpoint, options)
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
     let mut client =

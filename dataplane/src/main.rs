@@ -66,6 +66,7 @@ fn init_logging(filter: &str) {
 
 async fn run(args: cli::Args) -> ExitCode {
     let overrides = policy_build::overrides_from_args(&args);
+    let flag_policy = !args.allow.is_empty() || !args.deny.is_empty() || args.mode.is_some();
     let config = match app::load_config(args.config.as_deref(), &overrides) {
         Ok(c) => c,
         Err(msg) => {
@@ -132,7 +133,7 @@ async fn run(args: cli::Args) -> ExitCode {
         &runtime.config.network.socks_password_file,
     ) {
         (Some(user), Some(file)) => {
-            match policy_build::read_secret_file("network.socks_password_file", file) {
+            match portcullis::secret::read_secret_file("network.socks_password_file", file) {
                 Ok(password) => Some(socks5::auth::Credentials {
                     username: user.clone(),
                     password,
@@ -150,9 +151,17 @@ async fn run(args: cli::Args) -> ExitCode {
     let mut reporter = report::Reporter::new(blocked_log_size);
     let mut control_events = None;
     if attach.is_some() {
-        tracing::warn!(
-            "attached to a control plane: local policy keys (lists, mode, allow_local_binding, unix sockets) and --allow/--deny/--mode are ignored; the snapshots decide"
-        );
+        // Only flags given for this run are worth a warning; the file's lists reach the
+        // control plane through its own merge when both read the same config.
+        if flag_policy {
+            tracing::warn!(
+                "attached to a control plane: --allow/--deny/--mode are ignored; the snapshots decide"
+            );
+        } else {
+            tracing::info!(
+                "attached to a control plane: local policy keys (lists, mode, allow_local_binding, unix sockets) are ignored; the snapshots decide"
+            );
+        }
         let (tx, rx) = tokio::sync::mpsc::channel(runtime.config.control.event_buffer as usize);
         reporter.add_sink(Box::new(report::ChannelSink::new(
             report::Sink::Control,
@@ -226,7 +235,7 @@ async fn run(args: cli::Args) -> ExitCode {
     }
 
     if let (Some(cfg), Some(events)) = (attach, control_events) {
-        let url = cfg.url.clone();
+        let url = cfg.endpoint.to_string();
         let (first_tx, first_rx) = tokio::sync::oneshot::channel();
         shared.set_asker(std::sync::Arc::new(asker::Asker::new(
             shared.runtime().config.limits.max_pending_approvals as usize,

@@ -1,7 +1,6 @@
 //! Glue between the validated config and the data path: flag overrides, policy compilation,
 //! identity, TLS client, secret files.
 
-use std::io::Read;
 use std::sync::Arc;
 
 use portcullis::config::{Config, ProxyOverrides};
@@ -76,42 +75,10 @@ pub fn tls_connector(config: &Config) -> Result<tokio_rustls::TlsConnector, Stri
     Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
 }
 
-/// Reads a secret file: a regular file without group/other permission bits, non-empty.
-pub fn read_secret_file(key: &str, path: &std::path::Path) -> Result<String, String> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))?;
-    if !meta.is_file() {
-        return Err(format!("{key}: {} is not a regular file", path.display()));
-    }
-    let mode = meta.mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "{key}: file {p} is accessible by other users (mode {mode:04o}); run chmod 600 {p}",
-            p = path.display()
-        ));
-    }
-    let mut text = String::new();
-    file.take(64 * 1024)
-        .read_to_string(&mut text)
-        .map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))?;
-    let text = text.trim().to_string();
-    if text.is_empty() {
-        return Err(format!("{key}: {} is empty", path.display()));
-    }
-    Ok(text)
-}
-
 /// The admin token, when `admin_token_file` is set.
 pub fn admin_token(config: &Config) -> Result<Option<String>, String> {
     match &config.network.admin_token_file {
-        Some(p) => read_secret_file("network.admin_token_file", p).map(Some),
+        Some(p) => portcullis::secret::read_secret_file("network.admin_token_file", p).map(Some),
         None => Ok(None),
     }
 }
