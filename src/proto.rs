@@ -162,6 +162,53 @@ impl TryFrom<&v1::Decision> for Decision {
     }
 }
 
+/// A snapshot's host policy as the engine takes it: port rules folded into the lists as
+/// `host:port` entries, session allows typed. Shared by the data plane (which applies snapshots)
+/// and the control plane (which re-judges pending asks after a policy change).
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotLists {
+    /// Allow entries.
+    pub allowed: Vec<String>,
+    /// Deny entries.
+    pub denied: Vec<String>,
+    /// Session allows: (host, protocol, port).
+    pub session_allows: Vec<(String, Protocol, u16)>,
+}
+
+impl SnapshotLists {
+    /// Flattens `snap`; an invalid decision, protocol or port names the field.
+    pub fn from_snapshot(snap: &v1::PolicySnapshot) -> Result<SnapshotLists, String> {
+        let mut allowed = snap.allowed_domains.clone();
+        let mut denied = snap.denied_domains.clone();
+        for r in &snap.port_rules {
+            let host = if r.host.contains(':') {
+                format!("[{}]", r.host)
+            } else {
+                r.host.clone()
+            };
+            let entry = format!("{host}:{}", r.port);
+            match r.decision.as_str() {
+                "allow" => allowed.push(entry),
+                "deny" => denied.push(entry),
+                other => return Err(format!("port_rules: invalid decision {other:?}")),
+            }
+        }
+        let mut session_allows = Vec::with_capacity(snap.session_allows.len());
+        for s in &snap.session_allows {
+            let protocol = Protocol::parse(&s.protocol)
+                .ok_or_else(|| format!("session_allows: invalid protocol {:?}", s.protocol))?;
+            let port =
+                u16::try_from(s.port).map_err(|_| "session_allows: invalid port".to_string())?;
+            session_allows.push((s.host.clone(), protocol, port));
+        }
+        Ok(SnapshotLists {
+            allowed,
+            denied,
+            session_allows,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

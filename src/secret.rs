@@ -14,24 +14,6 @@ pub fn random_hex(n: usize) -> std::io::Result<String> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn compares_and_generates() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
-        let h = random_hex(8).unwrap();
-        assert_eq!(h.len(), 16);
-        assert!(
-            h.bytes()
-                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-        );
-    }
-}
-
 /// Reads a secret file: a regular file without group/other permission bits, non-empty.
 pub fn read_secret_file(key: &str, path: &std::path::Path) -> Result<String, String> {
     use std::io::Read;
@@ -63,4 +45,22 @@ pub fn read_secret_file(key: &str, path: &std::path::Path) -> Result<String, Str
         return Err(format!("{key}: {} is empty", path.display()));
     }
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compares_and_generates() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+        let h = random_hex(8).unwrap();
+        assert_eq!(h.len(), 16);
+        assert!(
+            h.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+    }
 }

@@ -464,23 +464,54 @@ fn origin() -> Origin {
 }
 
 #[test]
-fn mitm_in_config_never_turns_limited_https_into_a_raw_tunnel() {
-    let mut config = portcullis::config::Config::from_toml_str(
-        "[network]\nmode = \"limited\"\nmitm = true\nallowed_domains = [\"*\"]\n",
-        "test.toml",
-    )
-    .unwrap();
-    config.network.mitm = true;
-    let p = CompiledPolicy::from_config(&config).unwrap();
+fn mitm_in_config_intercepts_limited_https_and_guards_inner_requests() {
+    let config = |mitm: bool| {
+        let mut c = portcullis::config::Config::from_toml_str(
+            "[network]\nmode = \"limited\"\nallowed_domains = [\"*\"]\n",
+            "test.toml",
+        )
+        .unwrap();
+        c.network.mitm = mitm;
+        CompiledPolicy::from_config(&c).unwrap()
+    };
+    let connect = |p: &CompiledPolicy, protocol, method, port| {
+        reason(&name_stage_with(p, "api.test", port, protocol, method, &[]))
+    };
+    let off = config(false);
     assert_eq!(
-        reason(&name_stage_with(
-            &p,
-            "api.test",
-            443,
-            Protocol::HttpsConnect,
-            Some("CONNECT"),
-            &[]
-        )),
+        connect(&off, Protocol::HttpsConnect, Some("CONNECT"), 443),
         "mitm_required"
     );
+    assert_eq!(
+        connect(&off, Protocol::Socks5Tcp, None, 443),
+        "mitm_required"
+    );
+    let on = config(true);
+    // The outer CONNECT is intercepted, not refused.
+    assert_eq!(
+        connect(&on, Protocol::HttpsConnect, Some("CONNECT"), 443),
+        "allow"
+    );
+    assert_eq!(connect(&on, Protocol::Socks5Tcp, None, 443), "allow");
+    assert_eq!(
+        connect(&on, Protocol::Socks5Tcp, None, 22),
+        "method_not_allowed"
+    );
+    // Inner requests carry their method and are read-only in limited mode.
+    for protocol in [Protocol::HttpsConnect, Protocol::Socks5Tcp] {
+        for (method, want) in [
+            ("GET", "allow"),
+            ("HEAD", "allow"),
+            ("OPTIONS", "allow"),
+            ("POST", "method_not_allowed"),
+            ("get", "method_not_allowed"),
+            ("DELETE", "method_not_allowed"),
+        ] {
+            assert_eq!(
+                connect(&on, protocol, Some(method), 443),
+                want,
+                "{protocol:?} {method}"
+            );
+        }
+    }
 }

@@ -282,10 +282,27 @@ impl Approvals {
         outcome: v1::Outcome,
         actor: &str,
     ) -> Result<(v1::PendingAsk, u64), Status> {
+        self.resolve_with_reason(state, id, outcome, actor, "approval_denied")
+            .await
+    }
+
+    /// [`Approvals::resolve`] with the reason denied waiters get (`denied` or `not_allowed`
+    /// when a policy change resolved the ask, control.md §7 rule 10).
+    pub async fn resolve_with_reason(
+        &self,
+        state: &Arc<ControlState>,
+        id: &str,
+        outcome: v1::Outcome,
+        actor: &str,
+        deny_reason: &str,
+    ) -> Result<(v1::PendingAsk, u64), Status> {
         let p = self.take(id)?;
         let allow = matches!(
             outcome,
-            v1::Outcome::AllowOnce | v1::Outcome::AllowSession | v1::Outcome::AllowAlways
+            v1::Outcome::AllowOnce
+                | v1::Outcome::AllowSession
+                | v1::Outcome::AllowAlways
+                | v1::Outcome::PolicyAllow
         );
         let mut version = 0;
         if outcome == v1::Outcome::AllowSession {
@@ -304,7 +321,7 @@ impl Approvals {
                     w.ask_ref,
                     id,
                     allow,
-                    "approval_denied",
+                    deny_reason,
                     outcome,
                     actor,
                 )))

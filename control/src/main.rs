@@ -4,6 +4,7 @@ mod approvals;
 mod cli;
 mod client;
 mod exec;
+mod reevaluate;
 mod requirements;
 mod rules;
 mod serve;

@@ -83,10 +83,6 @@ pub async fn load(policy: &PolicySourceArgs) -> Result<Loaded, Failure> {
     let state = ControlState::new(&config, instance_id(), &compiled).map_err(Failure::config)?;
     state.init_requirements(requirements.active);
     let state = Arc::new(state);
-    if let Some(refresher) = requirements.refresher {
-        // The first refresh is due one interval after the fetch; a failed start exits anyway.
-        crate::requirements::spawn_refresh(refresher, state.clone());
-    }
     let ask_timeout = Duration::from_secs(
         policy
             .ask_timeout
@@ -108,6 +104,10 @@ pub async fn load(policy: &PolicySourceArgs) -> Result<Loaded, Failure> {
         rules_path,
         max_session_allows: config.approvals.max_session_allows as usize,
     };
+    if let Some(refresher) = requirements.refresher {
+        // The first refresh is due one interval after the fetch; a failed start exits anyway.
+        crate::requirements::spawn_refresh(refresher, services.clone());
+    }
     Ok(Loaded { config, services })
 }
 

@@ -151,6 +151,7 @@ impl Services {
                     if let Ok(mut cur) = self.rules.lock() {
                         *cur = rules;
                     }
+                    self.resolve_asks_by_policy().await;
                 }
             }
             Ok(Err((_, msg))) => {
@@ -423,6 +424,7 @@ impl Control for Services {
         &self,
         request: Request<v1::ApproveRequest>,
     ) -> Result<Response<v1::ApproveResponse>, Status> {
+        let deadline = crate::reevaluate::request_deadline(&request);
         let r = request.into_inner();
         check_pending_id(&r.pending_id)?;
         let actor = actor_of(r.actor)?;
@@ -470,6 +472,8 @@ impl Control for Services {
             .await?;
         if outcome == v1::Outcome::AllowAlways {
             policy_version = self.state.version();
+            // The new rule may decide other pending asks too.
+            self.resolve_asks_by_policy().await;
         }
         if persist_failed {
             return Err(Status::internal(format!(
@@ -477,12 +481,16 @@ impl Control for Services {
                 ask.id
             )));
         }
+        let session = (outcome == v1::Outcome::AllowSession).then_some(ask.session_id.as_str());
+        let (enforced, lagging_proxies) = self
+            .enforcement(r.wait_for_enforcement, policy_version, session, deadline)
+            .await;
         Ok(Response::new(v1::ApproveResponse {
             ask: Some(ask),
             outcome: outcome as i32,
             policy_version,
-            enforced: false,
-            lagging_proxies: Vec::new(),
+            enforced,
+            lagging_proxies,
         }))
     }
 
@@ -490,6 +498,7 @@ impl Control for Services {
         &self,
         request: Request<v1::DenyRequest>,
     ) -> Result<Response<v1::DenyResponse>, Status> {
+        let deadline = crate::reevaluate::request_deadline(&request);
         let r = request.into_inner();
         check_pending_id(&r.pending_id)?;
         let actor = actor_of(r.actor)?;
@@ -518,16 +527,21 @@ impl Control for Services {
                 ask.id
             )));
         }
+        let policy_version = if outcome == v1::Outcome::DenyAlways {
+            self.resolve_asks_by_policy().await;
+            self.state.version()
+        } else {
+            0
+        };
+        let (enforced, lagging_proxies) = self
+            .enforcement(r.wait_for_enforcement, policy_version, None, deadline)
+            .await;
         Ok(Response::new(v1::DenyResponse {
             ask: Some(ask),
             outcome: outcome as i32,
-            policy_version: if outcome == v1::Outcome::DenyAlways {
-                self.state.version()
-            } else {
-                0
-            },
-            enforced: false,
-            lagging_proxies: Vec::new(),
+            policy_version,
+            enforced,
+            lagging_proxies,
         }))
     }
 
@@ -686,7 +700,9 @@ impl Control for Services {
         &self,
         request: Request<v1::AddRuleRequest>,
     ) -> Result<Response<v1::AddRuleResponse>, Status> {
-        let rule = rule_from_request(&request.into_inner())?;
+        let deadline = crate::reevaluate::request_deadline(&request);
+        let r = request.into_inner();
+        let rule = rule_from_request(&r)?;
         // Deny rules are always accepted; allows must respect the requirements.
         if rule.decision == "allow" {
             self.state
@@ -699,6 +715,12 @@ impl Control for Services {
             .persist(rule)
             .await
             .map_err(Status::failed_precondition)?;
+        if added {
+            self.resolve_asks_by_policy().await;
+        }
+        let (enforced, lagging_proxies) = self
+            .enforcement(r.wait_for_enforcement, version, None, deadline)
+            .await;
         let entry = rules
             .iter()
             .find(|r| r.canonical() == line)
@@ -717,8 +739,8 @@ impl Control for Services {
             rule: entry,
             added,
             policy_version: version,
-            enforced: false,
-            lagging_proxies: Vec::new(),
+            enforced,
+            lagging_proxies,
         }))
     }
 
@@ -726,6 +748,7 @@ impl Control for Services {
         &self,
         request: Request<v1::RemoveRuleRequest>,
     ) -> Result<Response<v1::RemoveRuleResponse>, Status> {
+        let deadline = crate::reevaluate::request_deadline(&request);
         let r = request.into_inner();
         let host = crate::rules::host::parse_host(&r.host)
             .map_err(|m| Status::invalid_argument(format!("host: {m}")))?;
@@ -756,11 +779,15 @@ impl Control for Services {
         if let Ok(mut cur) = self.rules.lock() {
             *cur = rules;
         }
+        self.resolve_asks_by_policy().await;
+        let (enforced, lagging_proxies) = self
+            .enforcement(r.wait_for_enforcement, version, None, deadline)
+            .await;
         Ok(Response::new(v1::RemoveRuleResponse {
             removed: removed as u32,
             policy_version: version,
-            enforced: false,
-            lagging_proxies: Vec::new(),
+            enforced,
+            lagging_proxies,
         }))
     }
 

@@ -37,6 +37,8 @@ pub struct ControlState {
     session_allows: Mutex<HashMap<String, SessionAllows>>,
     proxies: Mutex<HashMap<String, Attached>>,
     next_stream: std::sync::atomic::AtomicU64,
+    /// Woken on every ack and detach (`wait_for_enforcement`).
+    ack_notify: tokio::sync::Notify,
     /// Every Decision reported by attached proxies.
     pub decisions: broadcast::Sender<v1::Decision>,
     /// The effective entries with their provenance (`GetPolicy`).
@@ -186,6 +188,7 @@ impl ControlState {
             session_allows: Mutex::new(HashMap::new()),
             proxies: Mutex::new(HashMap::new()),
             next_stream: std::sync::atomic::AtomicU64::new(1),
+            ack_notify: tokio::sync::Notify::new(),
             decisions,
         })
     }
@@ -440,6 +443,7 @@ impl ControlState {
             }
             a.info.in_sync = applied && a.info.acked_version == a.info.sent_version;
         }
+        self.ack_notify.notify_waiters();
     }
 
     /// Forgets a stream (only if it is still the current one for its proxy).
@@ -448,6 +452,48 @@ impl ControlState {
             && p.get(proxy_id).is_some_and(|a| a.stream_no == stream_no)
         {
             p.remove(proxy_id);
+        }
+        self.ack_notify.notify_waiters();
+    }
+
+    /// Proxies (of `session`, or all) that were sent `version` or later and have not acked it.
+    fn lagging(&self, version: u64, session: Option<&str>) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .proxies
+            .lock()
+            .map(|p| {
+                p.values()
+                    .filter(|a| session.is_none_or(|s| a.info.session_id == s))
+                    .filter(|a| a.info.acked_version < version)
+                    .map(|a| a.info.proxy_id.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Waits until every proxy concerned has acked `version` (an acked version is enforced,
+    /// control.md §8.3) or `limit` passes; returns whether it was enforced and who lags.
+    pub async fn wait_enforced(
+        &self,
+        version: u64,
+        session: Option<&str>,
+        limit: std::time::Duration,
+    ) -> (bool, Vec<String>) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.ack_notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so an ack between check and wait is not missed.
+            notified.as_mut().enable();
+            let lagging = self.lagging(version, session);
+            if lagging.is_empty() {
+                return (true, lagging);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return (false, self.lagging(version, session));
+            }
         }
     }
 

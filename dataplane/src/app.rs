@@ -135,6 +135,16 @@ impl App {
                 );
                 network.insert("denied_domains".into(), rt.policy.denied_patterns().into());
             }
+            if let (Some(serde_json::Value::Object(m)), Some(prepared)) =
+                (map.get_mut("mitm"), self.shared.mitm())
+            {
+                let path = |p: &std::path::Path| p.display().to_string();
+                m.insert("ca_cert_path".into(), path(prepared.ca_cert_path()).into());
+                m.insert(
+                    "ca_bundle_path".into(),
+                    path(prepared.ca_bundle_path()).into(),
+                );
+            }
             if let Some(serde_json::Value::Object(control)) = map.get_mut("control") {
                 control.insert(
                     "attached".into(),

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use portcullis::config::{Config, ControlEndpoint, Mode};
-use portcullis::decision::{Decision, Protocol, Verdict};
+use portcullis::decision::{Decision, Verdict};
 use portcullis::policy::{AskMode, CompiledPolicy, PolicySpec};
 use portcullis::proto::v1;
 use portcullis::proto::v1::data_plane_client::DataPlaneClient;
@@ -238,37 +238,16 @@ fn apply(shared: &Shared, snap: &v1::PolicySnapshot) -> Result<(), String> {
     if unix_allowed && shared.bound().all().any(|a| !a.ip().is_loopback()) {
         return Err("the snapshot allows unix sockets while a listener is not loopback".into());
     }
-    let mut allowed = snap.allowed_domains.clone();
-    let mut denied = snap.denied_domains.clone();
-    for r in &snap.port_rules {
-        let host = if r.host.contains(':') {
-            format!("[{}]", r.host)
-        } else {
-            r.host.clone()
-        };
-        let entry = format!("{host}:{}", r.port);
-        match r.decision.as_str() {
-            "allow" => allowed.push(entry),
-            "deny" => denied.push(entry),
-            other => return Err(format!("port_rules: invalid decision {other:?}")),
-        }
-    }
-    let mut session_allows = Vec::with_capacity(snap.session_allows.len());
-    for s in &snap.session_allows {
-        let protocol = Protocol::parse(&s.protocol)
-            .ok_or_else(|| format!("session_allows: invalid protocol {:?}", s.protocol))?;
-        let port = u16::try_from(s.port).map_err(|_| "session_allows: invalid port".to_string())?;
-        session_allows.push((s.host.clone(), protocol, port));
-    }
+    let lists = portcullis::proto::SnapshotLists::from_snapshot(snap)?;
     let spec = PolicySpec {
         enabled: n.enabled,
         limited: n.mode == Mode::Limited,
-        // Interception is not implemented yet: limited-mode HTTPS stays refused.
-        mitm: false,
+        // Interception is prepared at startup exactly when `network.mitm = true`.
+        mitm: current.config.network.mitm,
         allow_local_binding: n.allow_local_binding,
-        allowed,
-        denied,
-        session_allows,
+        allowed: lists.allowed,
+        denied: lists.denied,
+        session_allows: lists.session_allows,
         asks: if snap.asks_enabled {
             AskMode::Enabled
         } else {

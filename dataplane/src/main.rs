@@ -8,11 +8,14 @@ mod control_client;
 mod dial;
 mod http;
 mod listeners;
+mod mitm;
 mod pipeline;
 mod policy_build;
 mod report;
 mod resolve;
 mod socks5;
+#[cfg(target_os = "linux")]
+mod splice;
 mod state;
 mod tunnel;
 mod tunnel_run;
@@ -81,11 +84,6 @@ async fn run(args: cli::Args) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if runtime.config.network.mitm {
-        tracing::warn!(
-            "network.mitm = true, but HTTPS interception is not implemented yet: in limited mode CONNECT and SOCKS5 to port 443 are refused with mitm_required"
-        );
-    }
     let nofile = listeners::raise_nofile_limit();
     let max_conns = runtime.config.limits.max_connections as u64;
     if nofile < 2 * max_conns + 256 {
@@ -257,10 +255,30 @@ async fn run(args: cli::Args) -> ExitCode {
             }
         }
     }
+    // HTTPS interception: CA and exported trust files exist before the ready line (http.md §9).
+    let mitm = if shared.runtime().config.network.mitm {
+        let config = shared.runtime().config.clone();
+        let proxy_id = shared.origin().proxy_id.to_string();
+        match mitm::Mitm::prepare(&config, &proxy_id, &|k| std::env::var(k).ok()) {
+            Ok(m) => {
+                let m = Arc::new(m);
+                shared.set_mitm(m.clone());
+                Some(m)
+            }
+            Err(e) => return startup_failure(&e),
+        }
+    } else {
+        None
+    };
     // Signal handlers exist before anyone can learn our addresses from the ready line.
     let signals = match Signals::install() {
         Ok(s) => s,
-        Err(e) => return startup_failure(&format!("cannot install signal handlers: {e}")),
+        Err(e) => {
+            if let Some(m) = &mitm {
+                m.cleanup();
+            }
+            return startup_failure(&format!("cannot install signal handlers: {e}"));
+        }
     };
     println!("{}", shared.bound().ready_line());
     tracing::info!(proxy_id = %shared.origin().proxy_id, "portcullis-proxy ready");
@@ -277,6 +295,9 @@ async fn run(args: cli::Args) -> ExitCode {
     )
     .await;
     tasks.abort_all();
+    if let Some(m) = &mitm {
+        m.cleanup();
+    }
     ExitCode::SUCCESS
 }
 

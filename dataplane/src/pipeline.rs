@@ -47,6 +47,17 @@ pub enum Outcome {
 
 /// Runs the whole decision order of `policy.md` §4 against one runtime version.
 pub async fn decide(shared: &Shared, q: &Query<'_>) -> Outcome {
+    decide_with(shared, q, None).await
+}
+
+/// As [`decide`], but step 5 re-checks `known` (the addresses checked when the outer CONNECT
+/// was decided) instead of resolving again: the inner requests of an intercepted stream
+/// (`http.md` §9 rule 4).
+pub async fn decide_known(shared: &Shared, q: &Query<'_>, known: &[IpAddr]) -> Outcome {
+    decide_with(shared, q, Some(known)).await
+}
+
+async fn decide_with(shared: &Shared, q: &Query<'_>, known: Option<&[IpAddr]>) -> Outcome {
     let started = Instant::now();
     let rt = shared.runtime();
     let ctx = RequestContext {
@@ -64,7 +75,8 @@ pub async fn decide(shared: &Shared, q: &Query<'_>) -> Outcome {
             match ask(shared, &ctx, q.client, refusal).await {
                 Ok((proceed, ask_id)) => {
                     let zero = std::time::Duration::ZERO;
-                    return finish(shared, &ctx, q.client, proceed, Some(ask_id), zero).await;
+                    let ask_id = Some(ask_id);
+                    return finish(shared, &ctx, q.client, proceed, ask_id, zero, known).await;
                 }
                 Err(d) => return Outcome::Refuse(d),
             }
@@ -78,7 +90,7 @@ pub async fn decide(shared: &Shared, q: &Query<'_>) -> Outcome {
     };
     let name_time = started.elapsed();
     drop(rt);
-    finish(shared, &ctx, q.client, proceed, None, name_time).await
+    finish(shared, &ctx, q.client, proceed, None, name_time, known).await
 }
 
 /// Steps 5–6 after the name stage passed (directly or through an approval): resolve once,
@@ -90,6 +102,7 @@ async fn finish(
     proceed: Proceed,
     ask_id: Option<String>,
     name_time: std::time::Duration,
+    known: Option<&[IpAddr]>,
 ) -> Outcome {
     // The version current now: a held request continues against the policy of the answer.
     let rt = shared.runtime();
@@ -99,9 +112,10 @@ async fn finish(
         d.ask_id.clone_from(&ask_id);
         d
     };
-    let addrs = match &proceed.plan {
-        AddressPlan::Addresses(a) => a.clone(),
-        AddressPlan::Resolve(name) => {
+    let addrs = match (&proceed.plan, known) {
+        (_, Some(known)) => known.to_vec(),
+        (AddressPlan::Addresses(a), None) => a.clone(),
+        (AddressPlan::Resolve(name), None) => {
             let t = Instant::now();
             let r = rt.resolver.resolve(name, rt.settings.dns_timeout).await;
             shared.metrics().dns_time(t.elapsed());
@@ -196,6 +210,26 @@ async fn ask(
     let result = asker.ask(req).await;
     shared.metrics().ask_wait(waited.elapsed());
     match result {
+        AskResult::Answer(a) if is_policy_answer(&a) => {
+            // A policy change resolved the ask; its snapshot came first on the stream, so the
+            // current policy renders the answer as a plain list decision (decisions.md §2).
+            let rt = shared.runtime();
+            let ask_id = (!a.ask_id.is_empty()).then(|| a.ask_id.clone());
+            match rt.policy.check_name(ctx) {
+                NameStage::Proceed(p) if a.verdict == "allow" => Ok((p, a.ask_id)),
+                NameStage::Refuse(r) if a.verdict != "allow" && r.verdict == Verdict::Deny => {
+                    let mut d = r.into_decision(ctx, client, shared.origin());
+                    d.ask_id = ask_id;
+                    Err(shared.reporter().report(d))
+                }
+                _ if a.verdict == "allow" => Ok((rt.policy.approved(ctx), a.ask_id)),
+                _ => Err(deny(
+                    Reason::parse(&a.reason),
+                    MessageKind::PolicyDenied,
+                    ask_id,
+                )),
+            }
+        }
         AskResult::Answer(a) if a.verdict == "allow" => {
             let rt = shared.runtime();
             Ok((rt.policy.approved(ctx), a.ask_id))
@@ -229,6 +263,11 @@ async fn ask(
             None,
         )),
     }
+}
+
+/// An answer that a policy change produced (`POLICY_ALLOW` / `POLICY_DENY`).
+fn is_policy_answer(a: &v1::AskAnswer) -> bool {
+    a.outcome == v1::Outcome::PolicyAllow as i32 || a.outcome == v1::Outcome::PolicyDeny as i32
 }
 
 /// 502/504 for an allowed name without addresses (`policy.md` §4 step 5.2).

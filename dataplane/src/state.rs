@@ -97,6 +97,7 @@ pub struct Shared {
     socks_credentials: Option<crate::socks5::auth::Credentials>,
     asker: std::sync::OnceLock<Arc<crate::asker::Asker>>,
     udp_associations: Arc<tokio::sync::Semaphore>,
+    mitm: std::sync::OnceLock<Arc<crate::mitm::Mitm>>,
 }
 
 impl Shared {
@@ -128,6 +129,7 @@ impl Shared {
             limited_epoch: watch::Sender::new(0),
             socks_credentials,
             asker: std::sync::OnceLock::new(),
+            mitm: std::sync::OnceLock::new(),
         }
     }
 
@@ -156,6 +158,16 @@ impl Shared {
     /// Installs the asker (once, at attach).
     pub fn set_asker(&self, asker: Arc<crate::asker::Asker>) {
         let _ = self.asker.set(asker);
+    }
+
+    /// HTTPS interception, when `network.mitm = true` prepared it.
+    pub fn mitm(&self) -> Option<&Arc<crate::mitm::Mitm>> {
+        self.mitm.get()
+    }
+
+    /// Installs the prepared interception (once, before the ready line).
+    pub fn set_mitm(&self, mitm: Arc<crate::mitm::Mitm>) {
+        let _ = self.mitm.set(mitm);
     }
 
     /// SOCKS5 username/password, when configured.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use portcullis::decision::Protocol;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 
 use crate::report::metrics::Metrics;
 use crate::state::Shared;
@@ -24,11 +25,36 @@ impl ByteSink for TunnelBytes {
     }
 }
 
-/// Relays between `client` and `upstream` until done, idle, or the shutdown grace ends.
+/// Relays between `client` and `upstream` until done, idle, or the shutdown grace ends; two
+/// plain TCP sockets take the zero-copy path of [`crate::splice`].
 pub async fn run<C, U>(shared: &Arc<Shared>, protocol: Protocol, client: &mut C, upstream: &mut U)
 where
-    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    C: AsyncRead + AsyncWrite + Unpin + 'static,
+    U: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    let idle = shared.settings().tunnel_idle_timeout;
+    #[cfg(target_os = "linux")]
+    if let (Some(c), Some(u)) = (
+        (&*client as &dyn std::any::Any).downcast_ref::<TcpStream>(),
+        (&*upstream as &dyn std::any::Any).downcast_ref::<TcpStream>(),
+    ) {
+        supervise(shared, protocol, |sink| {
+            crate::splice::relay(c, u, idle, sink)
+        })
+        .await;
+        return;
+    }
+    supervise(shared, protocol, |sink| {
+        tunnel::relay(client, upstream, idle, sink)
+    })
+    .await;
+}
+
+/// Runs one relay with the bookkeeping every tunnel shares.
+async fn supervise<'a, F, Fut>(shared: &Arc<Shared>, protocol: Protocol, start: F)
+where
+    F: FnOnce(Arc<dyn ByteSink>) -> Fut,
+    Fut: std::future::Future<Output = (tunnel::Transferred, std::io::Result<()>)> + 'a,
 {
     let metrics = shared.metrics_arc();
     let _active = metrics.tunnel_opened(protocol);
@@ -39,7 +65,7 @@ where
     });
     let mut shutdown = shared.shutdown_signal();
     let mut limited = shared.limited_signal();
-    let relay = tunnel::relay(client, upstream, settings.tunnel_idle_timeout, sink);
+    let relay = start(sink);
     tokio::pin!(relay);
     tokio::select! {
         (moved, result) = &mut relay => {

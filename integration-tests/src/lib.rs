@@ -7,6 +7,7 @@ pub mod https_backend;
 pub mod origin;
 pub mod proxy;
 pub mod raw;
+pub mod tls_origin;
 
 pub use curl::{CurlResult, curl};
 pub use dns::DnsServer;

@@ -66,7 +66,8 @@ impl Drop for Origin {
     }
 }
 
-type Handler = Arc<
+/// A connection handler of a test origin.
+pub(crate) type Handler = Arc<
     dyn Fn(
             TcpStream,
             Arc<Mutex<Vec<serde_json::Value>>>,
@@ -79,7 +80,7 @@ fn spawn(ip: &str, handler: Handler) -> Origin {
     try_spawn(ip, 0, handler).unwrap_or_else(|e| panic!("bind origin on {ip}: {e}"))
 }
 
-fn try_spawn(ip: &str, port: u16, handler: Handler) -> std::io::Result<Origin> {
+pub(crate) fn try_spawn(ip: &str, port: u16, handler: Handler) -> std::io::Result<Origin> {
     let rt = runtime();
     let listener = rt.block_on(TcpListener::bind((ip, port)))?;
     let addr = listener.local_addr().unwrap();

@@ -1002,3 +1002,86 @@ fn session_allows_are_capped_and_status_counts() {
     });
     assert_eq!(h.join().unwrap().status, 200);
 }
+
+#[test]
+fn policy_changes_resolve_pending_asks_and_wait_for_enforcement() {
+    let s = ask_setup(60);
+    let allowed = held_curl(&s, "app.test");
+    let denied = held_curl(&s, "other.test");
+    let asks = wait_pending(&s, 2);
+    assert_eq!(asks.len(), 2, "{asks:?}");
+    let proxy_ids: Vec<String> = runtime().block_on(async {
+        let mut c = client(&s.control, Some(&s.control.token)).await;
+        // A rule added elsewhere allows the waiting key: POLICY_ALLOW, and the response waits
+        // until the proxy acked the version that carries it.
+        let r = c
+            .add_rule(v1::AddRuleRequest {
+                host: "app.test".into(),
+                protocol: "http".into(),
+                decision: "allow".into(),
+                wait_for_enforcement: true,
+                ..Default::default()
+            })
+            .await
+            .expect("AddRule allow")
+            .into_inner();
+        assert!(r.enforced, "{r:?}");
+        assert!(r.lagging_proxies.is_empty(), "{r:?}");
+        let r = c
+            .add_rule(v1::AddRuleRequest {
+                host: "other.test".into(),
+                protocol: "http".into(),
+                decision: "deny".into(),
+                wait_for_enforcement: true,
+                ..Default::default()
+            })
+            .await
+            .expect("AddRule deny")
+            .into_inner();
+        assert!(r.enforced, "{r:?}");
+        let left = c
+            .list_pending(v1::ListPendingRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .asks;
+        assert!(
+            left.is_empty(),
+            "policy changes resolved every ask: {left:?}"
+        );
+        c.list_proxies(v1::ListProxiesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .proxies
+            .into_iter()
+            .map(|p| p.proxy_id)
+            .collect()
+    });
+    assert_eq!(proxy_ids.len(), 1);
+    let a = allowed.join().unwrap();
+    assert_eq!(a.status, 200, "{}", a.text());
+    let d = denied.join().unwrap();
+    assert_eq!(d.status, 403, "{}", d.text());
+    let first = d.text().lines().next().unwrap_or_default().to_string();
+    let json: serde_json::Value =
+        serde_json::from_str(first.trim_start_matches("PORTCULLIS_POLICY_DECISION ")).unwrap();
+    assert_eq!(json["reason"], "denied");
+    assert_eq!(json["source"], "baseline_policy");
+    // The final Decision names the ask it ended (the blocked log carries every key).
+    let blocked = portcullis_integration_tests::blocked(s.proxy.admin_addr());
+    let entry = blocked["blocked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == json["id"])
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        entry["ask_id"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("ask_"),
+        "{entry}"
+    );
+}

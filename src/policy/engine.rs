@@ -190,9 +190,9 @@ impl CompiledPolicy {
         let spec = PolicySpec {
             enabled: n.enabled,
             limited: n.mode == Mode::Limited,
-            // Interception is not implemented yet: limited-mode HTTPS must stay refused
-            // (`mitm_required`) even with `network.mitm = true`, never become a raw tunnel.
-            mitm: false,
+            // The data plane prepares interception exactly when `network.mitm = true`
+            // (`http.md` §9): limited-mode HTTPS is then intercepted, never a raw tunnel.
+            mitm: n.mitm,
             allow_local_binding: n.allow_local_binding,
             allowed: lists
                 .allowed_domains
@@ -361,17 +361,13 @@ impl CompiledPolicy {
             return None;
         }
         let method_guard = |kind| refusal(Reason::MethodNotAllowed, Source::ModeGuard, kind);
+        if ctx.is_inner_request() {
+            // An inner request of an intercepted stream (`http.md` §9 rule 4): the outer
+            // CONNECT already passed the interception guard; its method decides here.
+            return read_only_guard(ctx);
+        }
         match ctx.protocol {
-            Protocol::Http | Protocol::UnixSocket => {
-                let read_only = matches!(ctx.method, Some("GET" | "HEAD" | "OPTIONS"));
-                if !read_only {
-                    Some(method_guard(MessageKind::MethodNotAllowed))
-                } else if ctx.upgrade {
-                    Some(method_guard(MessageKind::UpgradeNotAllowed))
-                } else {
-                    None
-                }
-            }
+            Protocol::Http | Protocol::UnixSocket => read_only_guard(ctx),
             Protocol::HttpsConnect => (!self.mitm).then(|| {
                 refusal(
                     Reason::MitmRequired,
@@ -466,6 +462,31 @@ impl CompiledPolicy {
             }
         }
         Ok(())
+    }
+}
+
+/// Limited mode for plain and inner HTTP requests: only `GET`, `HEAD`, `OPTIONS` (exact), and
+/// no `Upgrade` (`http.md` §8 rule 1).
+fn read_only_guard(ctx: &RequestContext<'_>) -> Option<Refusal> {
+    let guard = |kind| refusal(Reason::MethodNotAllowed, Source::ModeGuard, kind);
+    if !matches!(ctx.method, Some("GET" | "HEAD" | "OPTIONS")) {
+        Some(guard(MessageKind::MethodNotAllowed))
+    } else if ctx.upgrade {
+        Some(guard(MessageKind::UpgradeNotAllowed))
+    } else {
+        None
+    }
+}
+
+impl RequestContext<'_> {
+    /// Whether this is an HTTP request inside an intercepted stream: protocol `https_connect`
+    /// with a method other than `CONNECT`, or `socks5_tcp` with a method.
+    pub fn is_inner_request(&self) -> bool {
+        match self.protocol {
+            Protocol::HttpsConnect => self.method.is_some_and(|m| m != "CONNECT"),
+            Protocol::Socks5Tcp => self.method.is_some(),
+            _ => false,
+        }
     }
 }
 

@@ -437,7 +437,8 @@ impl Refresher {
     }
 
     /// One background refresh (§4.6).
-    async fn refresh_once(&mut self, state: &ControlState) {
+    async fn refresh_once(&mut self, services: &crate::service::Services) {
+        let state: &ControlState = &services.state;
         let etag = self.record.as_ref().and_then(|r| r.etag.clone());
         let shown = self.fetcher.shown_url().to_string();
         let current = state.requirements();
@@ -453,6 +454,10 @@ impl Refresher {
                 let st = status(v1::RequirementsState::Fresh, &shown, Some(fetched_at), "");
                 if current.doc.as_ref() != Some(&doc) {
                     let version = state.set_requirements(Active::new(Some(doc), st)).await;
+                    if version.is_some() {
+                        // Pending asks that became denied or un-askable resolve POLICY_DENY.
+                        services.resolve_asks_by_policy().await;
+                    }
                     tracing::info!(
                         version = ?version,
                         "requirements: changed, fresh from {shown} (fetched at {})",
@@ -490,10 +495,10 @@ impl Refresher {
 }
 
 /// Refreshes every `refresh_interval_secs` (±10 % jitter) and at once on SIGHUP, one fetch at
-/// a time; a changed document is pushed to every attached proxy.
+/// a time; a changed document is pushed to every attached proxy and re-judges pending asks.
 pub fn spawn_refresh(
     mut refresher: Refresher,
-    state: Arc<ControlState>,
+    services: crate::service::Services,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
@@ -512,7 +517,7 @@ pub fn spawn_refresh(
                     }
                 } => {}
             }
-            refresher.refresh_once(&state).await;
+            refresher.refresh_once(&services).await;
             due = tokio::time::Instant::now() + jitter(refresher.interval);
         }
     })

@@ -45,6 +45,10 @@ pub async fn handle(
             addrs
         }
     };
+    if let Some(mitm) = crate::mitm::required(&ctx.shared) {
+        // Limited mode: the CONNECT is intercepted, never a raw tunnel (`http.md` §9).
+        return intercept(ctx, req, dest, addrs, mitm);
+    }
     let settings = ctx.shared.settings();
     let upstream = match ctx.shared.upstream_proxy(true, &dest.host, dest.port) {
         Some(via) => {
@@ -100,6 +104,57 @@ pub async fn handle(
                     .await;
             }
         }
+    });
+    let mut resp = Response::new(respond::empty());
+    *resp.status_mut() = StatusCode::OK;
+    resp.extensions_mut()
+        .insert(hyper::ext::ReasonPhrase::from_static(
+            b"Connection established",
+        ));
+    resp
+}
+
+/// Answers `200` and serves the tunnel through the interception once the client switches.
+fn intercept(
+    ctx: Arc<ConnCtx>,
+    mut req: Request<Incoming>,
+    dest: target::Destination,
+    addrs: Vec<std::net::IpAddr>,
+    mitm: Arc<crate::mitm::Mitm>,
+) -> Response<Body> {
+    use crate::mitm::serve::{self, ClientStream, Prefixed};
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let shared = ctx.shared.clone();
+    let client = serve::Client {
+        peer: ctx.peer,
+        guard: ctx.guard.clone(),
+    };
+    let target = serve::Target {
+        dest: target::Destination {
+            scheme: Some(target::Scheme::Https),
+            ..dest
+        },
+        addrs,
+        protocol: Protocol::HttpsConnect,
+    };
+    tracing::info!(host = %target.dest.host, port = target.dest.port, "CONNECT intercepted");
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "CONNECT client went away before the interception started");
+                return;
+            }
+        };
+        let io: Box<dyn ClientStream> =
+            match upgraded.downcast::<TokioIo<super::timed_io::TimedIo>>() {
+                Ok(parts) => {
+                    let stream = parts.io.into_inner().into_inner();
+                    Box::new(Prefixed::new(parts.read_buf, stream))
+                }
+                Err(upgraded) => Box::new(TokioIo::new(upgraded)),
+            };
+        serve::intercept(mitm, shared, client, target, io).await;
     });
     let mut resp = Response::new(respond::empty());
     *resp.status_mut() = StatusCode::OK;

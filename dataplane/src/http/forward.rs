@@ -1,5 +1,6 @@
 //! Absolute-form requests: policy, then stream to the origin and back (`http.md` §3–§5).
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
@@ -18,7 +19,7 @@ use crate::pipeline::{self, Outcome};
 /// Answers one absolute-form request.
 pub async fn handle(
     ctx: Arc<ConnCtx>,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     mut opts: RenderOpts,
 ) -> Response<Body> {
     // A refusal leaves an unread body behind; the connection must then close.
@@ -53,9 +54,22 @@ pub async fn handle(
         }
     };
     opts.close = false;
+    forward_allowed(ctx, req, &dest, &addrs, websocket, opts).await
+}
 
+/// Forwards an allowed request to `dest` over one of the checked `addrs` (or the upstream
+/// proxy) and streams the answer back (`http.md` §4). Shared by absolute-form requests and the
+/// inner requests of an intercepted stream; `websocket` keeps a WebSocket upgrade.
+pub async fn forward_allowed(
+    ctx: Arc<ConnCtx>,
+    mut req: Request<Incoming>,
+    dest: &Destination,
+    addrs: &[IpAddr],
+    websocket: bool,
+    opts: RenderOpts,
+) -> Response<Body> {
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
-    let upstream_req = match build_upstream_request(req, &dest, websocket) {
+    let upstream_req = match build_upstream_request(req, dest, websocket) {
         Ok(r) => r,
         Err(detail) => return respond::error_response(ProxyError::InvalidRequest, detail, opts),
     };
@@ -71,11 +85,11 @@ pub async fn handle(
     let mut upstream_req = upstream_req;
     let (mut conn, poolable) = match via {
         Some(via) => {
-            match connect_upstream_proxy(&ctx, &via, &dest, tls_name.as_deref(), &mut upstream_req)
+            match connect_upstream_proxy(&ctx, &via, dest, tls_name.as_deref(), &mut upstream_req)
                 .await
             {
                 Ok(c) => (c, false),
-                Err(e) => return upstream_error(&ctx, e, &dest, opts),
+                Err(e) => return upstream_error(&ctx, e, dest, opts),
             }
         }
         None => {
@@ -83,9 +97,9 @@ pub async fn handle(
             // address (`policy.md` §4).
             let mut slot = ctx.upstream.lock().await;
             let conn = match slot.take() {
-                Some(p) if p.fits(&addrs, dest.port, tls_name.as_deref()) => p,
+                Some(p) if p.fits(addrs, dest.port, tls_name.as_deref()) => p,
                 _ => match upstream::connect(
-                    &addrs,
+                    addrs,
                     dest.port,
                     tls_name.as_deref(),
                     &ctx.shared.tls_connector(),
@@ -94,7 +108,7 @@ pub async fn handle(
                 .await
                 {
                     Ok(p) => p,
-                    Err(e) => return upstream_error(&ctx, e, &dest, opts),
+                    Err(e) => return upstream_error(&ctx, e, dest, opts),
                 },
             };
             drop(slot);

@@ -21,7 +21,7 @@ pub async fn serve_connection(
     shared: Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
-    _guard: crate::listeners::ConnGuard,
+    guard: crate::listeners::ConnGuard,
 ) {
     let _ = stream.set_nodelay(true);
     let local_ip = stream
@@ -72,7 +72,7 @@ pub async fn serve_connection(
         };
     shared.metrics().request(Protocol::Socks5Tcp);
     match cmd {
-        Socks5Command::TCPConnect => connect(shared, proto, target, peer).await,
+        Socks5Command::TCPConnect => connect(shared, proto, target, peer, guard).await,
         Socks5Command::UDPAssociate if shared.runtime().config.network.enable_socks5_udp => {
             associate(shared, proto, target, peer, local_ip).await
         }
@@ -108,7 +108,13 @@ fn ip_text(ip: IpAddr) -> String {
     ip.to_string()
 }
 
-async fn connect(shared: Arc<Shared>, proto: Proto, target: TargetAddr, peer: SocketAddr) {
+async fn connect(
+    shared: Arc<Shared>,
+    proto: Proto,
+    target: TargetAddr,
+    peer: SocketAddr,
+    guard: crate::listeners::ConnGuard,
+) {
     let Some((host, port)) = destination(&target) else {
         shared.metrics().bad_request("invalid_host");
         let _ = proto.reply_error(&ReplyError::GeneralFailure).await;
@@ -140,6 +146,30 @@ async fn connect(shared: Arc<Shared>, proto: Proto, target: TargetAddr, peer: So
             addrs
         }
     };
+    if let Some(mitm) = crate::mitm::required(&shared) {
+        // Limited mode, port 443: the stream is TLS-terminated (`socks5.md` §5). No outbound
+        // socket exists yet, so BND is 0.0.0.0:0.
+        let Ok(client) = proto
+            .reply_success(SocketAddr::from(([0, 0, 0, 0], 0)))
+            .await
+        else {
+            return;
+        };
+        tracing::info!(%host, port, "SOCKS5 stream intercepted");
+        let target = crate::mitm::serve::Target {
+            dest: crate::http::target::Destination {
+                host,
+                port,
+                scheme: Some(crate::http::target::Scheme::Https),
+            },
+            addrs,
+            protocol: Protocol::Socks5Tcp,
+        };
+        let client_info = crate::mitm::serve::Client { peer, guard };
+        crate::mitm::serve::intercept(mitm, shared, client_info, target, Box::new(client)).await;
+        return;
+    }
+    let _guard = guard;
     let settings = shared.settings();
     if let Some(via) = shared.upstream_proxy(true, &host, port) {
         let authority = format!("{}:{}", crate::http::target::bracketed(&host), port);
