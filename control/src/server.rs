@@ -102,6 +102,7 @@ pub async fn load(policy: &PolicySourceArgs) -> Result<Loaded, Failure> {
         ask_timeout,
         rules: Arc::new(std::sync::Mutex::new(rules)),
         rules_path,
+        rules_error: Default::default(),
         max_session_allows: config.approvals.max_session_allows as usize,
     };
     if let Some(refresher) = requirements.refresher {

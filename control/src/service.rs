@@ -32,6 +32,9 @@ pub struct Services {
     pub rules: Arc<std::sync::Mutex<Vec<crate::rules::Rule>>>,
     /// The rules file.
     pub rules_path: std::path::PathBuf,
+    /// Why the rules file on disk is not in force (its last reload failed: `PATH:LINE:COLUMN:
+    /// MESSAGE` or a read error); empty when the file and memory agree. `GetStatus.rules_error`.
+    pub rules_error: Arc<std::sync::Mutex<String>>,
     /// `approvals.max_session_allows`.
     pub max_session_allows: usize,
 }
@@ -142,6 +145,12 @@ impl Services {
     pub async fn reload_rules(&self) {
         let path = self.rules_path.clone();
         let loaded = tokio::task::spawn_blocking(move || crate::rules::load(&path)).await;
+        let error = match &loaded {
+            Ok(Ok(_)) => String::new(),
+            Ok(Err((_, msg))) => msg.clone(),
+            Err(e) => format!("rules reload failed: {e}"),
+        };
+        self.set_rules_error(error);
         match loaded {
             Ok(Ok(rules)) => {
                 let changed = self.rules.lock().map(|cur| *cur != rules).unwrap_or(true);
@@ -161,17 +170,37 @@ impl Services {
         }
     }
 
+    fn set_rules_error(&self, error: String) {
+        if let Ok(mut cur) = self.rules_error.lock() {
+            *cur = error;
+        }
+    }
+
     /// Appends a rule under the file lock; on success the new rules are enforced and pushed.
+    /// On failure (the file no longer parses, write or lock error) nothing is written; the file
+    /// is re-read so memory and `rules_error` match the disk (network-rules.md §5.5, §6.2).
     async fn persist(
         &self,
         rule: crate::rules::Rule,
     ) -> Result<(bool, u64, Vec<crate::rules::Rule>), String> {
         let path = self.rules_path.clone();
-        let (added, rules) =
+        let written =
             tokio::task::spawn_blocking(move || crate::rules::store::append(&path, &rule))
                 .await
-                .map_err(|e| format!("rules writer failed: {e}"))??;
-        let version = if added {
+                .map_err(|e| format!("rules writer failed: {e}"))
+                .and_then(|r| r);
+        let (added, rules) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!("rules file not written: {e}");
+                self.reload_rules().await;
+                return Err(e);
+            }
+        };
+        self.set_rules_error(String::new());
+        // The file may also hold lines other processes wrote since the last read.
+        let changed = self.rules.lock().map(|cur| *cur != rules).unwrap_or(true);
+        let version = if added || changed {
             self.state.set_rules(&crate::rules::compile(&rules)).await
         } else {
             self.state.version()
@@ -436,7 +465,7 @@ impl Control for Services {
                 .map_err(Status::failed_precondition)?;
         }
         let (outcome, persist_failed) = match v1::ApprovalScope::try_from(r.scope) {
-            Ok(v1::ApprovalScope::Once) => (v1::Outcome::AllowOnce, false),
+            Ok(v1::ApprovalScope::Once) => (v1::Outcome::AllowOnce, None),
             Ok(v1::ApprovalScope::Session) => {
                 let ask = self.approvals.get(&r.pending_id)?;
                 if self.state.session_allow_count(&ask.session_id) >= self.max_session_allows {
@@ -446,17 +475,19 @@ impl Control for Services {
                         ask.session_id, self.max_session_allows
                     )));
                 }
-                (v1::Outcome::AllowSession, false)
+                (v1::Outcome::AllowSession, None)
             }
             Ok(v1::ApprovalScope::Always) => {
                 // Persist first: the new snapshot reaches the proxies before the answer.
                 let ask = self.approvals.get(&r.pending_id)?;
                 let rule = always_rule(&ask, true, r.justification.clone(), &actor);
                 match self.persist(rule).await {
-                    Ok(_) => (v1::Outcome::AllowAlways, false),
+                    Ok(_) => (v1::Outcome::AllowAlways, None),
                     Err(e) => {
-                        tracing::error!("could not persist rule: {e}");
-                        (v1::Outcome::AllowSession, true)
+                        tracing::error!(
+                            "could not persist rule: {e}; applying as allow_session only"
+                        );
+                        (v1::Outcome::AllowSession, Some(e))
                     }
                 }
             }
@@ -475,9 +506,9 @@ impl Control for Services {
             // The new rule may decide other pending asks too.
             self.resolve_asks_by_policy().await;
         }
-        if persist_failed {
+        if let Some(e) = persist_failed {
             return Err(Status::internal(format!(
-                "could not persist rule for ask {}; applied as allow_session only",
+                "could not persist rule: {e}; applied as allow_session only (ask {})",
                 ask.id
             )));
         }
@@ -503,15 +534,15 @@ impl Control for Services {
         check_pending_id(&r.pending_id)?;
         let actor = actor_of(r.actor)?;
         let (outcome, persist_failed) = match v1::ApprovalScope::try_from(r.scope) {
-            Ok(v1::ApprovalScope::Once) => (v1::Outcome::DenyOnce, false),
+            Ok(v1::ApprovalScope::Once) => (v1::Outcome::DenyOnce, None),
             Ok(v1::ApprovalScope::Always) => {
                 let ask = self.approvals.get(&r.pending_id)?;
                 let rule = always_rule(&ask, false, r.justification.clone(), &actor);
                 match self.persist(rule).await {
-                    Ok(_) => (v1::Outcome::DenyAlways, false),
+                    Ok(_) => (v1::Outcome::DenyAlways, None),
                     Err(e) => {
-                        tracing::error!("could not persist rule: {e}");
-                        (v1::Outcome::DenyOnce, true)
+                        tracing::error!("could not persist rule: {e}; applying as deny_once only");
+                        (v1::Outcome::DenyOnce, Some(e))
                     }
                 }
             }
@@ -521,9 +552,9 @@ impl Control for Services {
             .approvals
             .resolve(&self.state, &r.pending_id, outcome, &actor)
             .await?;
-        if persist_failed {
+        if let Some(e) = persist_failed {
             return Err(Status::internal(format!(
-                "could not persist rule for ask {}; applied as deny_once only",
+                "could not persist rule: {e}; applied as deny_once only (ask {})",
                 ask.id
             )));
         }
@@ -763,11 +794,19 @@ impl Control for Services {
         };
         let path = self.rules_path.clone();
         let name = host.host.clone();
-        let (removed, rules) =
+        let written =
             tokio::task::spawn_blocking(move || crate::rules::store::remove(&path, &name, port))
                 .await
-                .map_err(|e| Status::internal(format!("rules writer failed: {e}")))?
-                .map_err(Status::failed_precondition)?;
+                .map_err(|e| Status::internal(format!("rules writer failed: {e}")))?;
+        let (removed, rules) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!("rules file not written: {e}");
+                self.reload_rules().await;
+                return Err(Status::failed_precondition(e));
+            }
+        };
+        self.set_rules_error(String::new());
         if removed == 0 {
             return Err(Status::not_found(format!(
                 "no rule for {}{}",
@@ -859,6 +898,11 @@ impl Control for Services {
             pending_asks: self.approvals.list(None).len() as u32,
             rules_path: self.rules_path.display().to_string(),
             rules_count: self.rules.lock().map(|r| r.len() as u32).unwrap_or(0),
+            rules_error: self
+                .rules_error
+                .lock()
+                .map(|e| e.clone())
+                .unwrap_or_default(),
             ..Default::default()
         }))
     }

@@ -1,6 +1,7 @@
 //! Test support for black-box tests of the real Portcullis binaries: process spawning, a test
 //! DNS server, loopback origins, and curl / raw-socket clients.
 
+pub mod control;
 pub mod curl;
 pub mod dns;
 pub mod https_backend;
@@ -9,6 +10,7 @@ pub mod proxy;
 pub mod raw;
 pub mod tls_origin;
 
+pub use control::ControlProcess;
 pub use curl::{CurlResult, curl};
 pub use dns::DnsServer;
 pub use proxy::{ProxyProcess, run_to_exit};

@@ -708,3 +708,137 @@ fn socks_connect_helper_half_close_and_refusal() {
         "portcullis: SOCKS5 proxy refused denied.test:22 (reply 0x02: blocked by network policy)"
     );
 }
+
+#[test]
+fn curl_https_through_exec_allowed_and_blocked() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = portcullis_integration_tests::tls_origin::https_echo_at(
+        "127.0.0.1",
+        0,
+        &["secure.test", "blocked-secure.test"],
+    )
+    .unwrap();
+    let dns = DnsServer::start();
+    for name in ["secure.test", "blocked-secure.test"] {
+        dns.set(name, &["127.0.0.1".parse().unwrap()]);
+    }
+    let cfg = config(
+        dir.path(),
+        Some(&dns),
+        "allowed_domains = [\"secure.test\"]\ndenied_domains = [\"blocked-secure.test\"]",
+        "",
+    );
+    let port = origin.port();
+    let ca = origin.ca.pem_path.display().to_string();
+    let script = format!(
+        "curl -sS --cacert {ca} -o /dev/null -w 'ok=%{{http_code}}\\n' https://secure.test:{port}/; \
+         curl -sS --cacert {ca} https://blocked-secure.test:{port}/ 2>&1; echo"
+    );
+    let out = run(&cfg, &["--no-prompt"], &["sh", "-c", &script]);
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stdout.contains("ok=200"), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("CONNECT tunnel failed, response 403"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "portcullis: blocked blocked-secure.test:{port} (https_connect): denied x1"
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn ca_vars_only_with_mitm() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), None, "mitm = true", "");
+    let out = run(&cfg, &[], &["env", "-0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let env = env_map(&out.stdout);
+    let bundle = env["SSL_CERT_FILE"].clone();
+    let ca = env["PORTCULLIS_CA_CERTIFICATE"].clone();
+    assert!(bundle.ends_with("/mitm/ca-bundle.pem"), "{bundle}");
+    assert_eq!(env["NODE_EXTRA_CA_CERTS"], ca);
+    for k in [
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "GIT_SSL_CAINFO",
+        "PIP_CERT",
+    ] {
+        assert_eq!(env[k], bundle, "{k}");
+    }
+    // The files lived in exec's private directory, which is gone now; check them while the
+    // command runs instead.
+    let script = "cat \"$SSL_CERT_FILE\" > bundle.pem; cat \"$PORTCULLIS_CA_CERTIFICATE\" > ca.pem";
+    let mut cmd = exec_command(&cfg, &[], &["sh", "-c", script]);
+    cmd.current_dir(dir.path());
+    let out = finish(cmd.spawn().unwrap(), Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let bundle = std::fs::read_to_string(dir.path().join("bundle.pem")).unwrap();
+    let ca = std::fs::read_to_string(dir.path().join("ca.pem")).unwrap();
+    assert!(ca.contains("BEGIN CERTIFICATE"), "{ca}");
+    assert!(
+        bundle.contains(ca.trim()),
+        "the bundle holds the interception CA"
+    );
+    assert!(!bundle.contains("PRIVATE KEY") && !ca.contains("PRIVATE KEY"));
+    assert!(
+        !Path::new(&env["SSL_CERT_FILE"]).exists(),
+        "private directory removed"
+    );
+}
+
+#[test]
+fn sidecar_gets_original_env() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = http_echo("127.0.0.1");
+    let dns = DnsServer::start();
+    dns.set("chained.test", &["127.0.0.1".parse().unwrap()]);
+    let dns_cfg = format!(
+        "[network]\nallow_local_binding = true\ndns_servers = [\"{}\"]\n",
+        dns.addr_string()
+    );
+    // The outer proxy stands for a corporate proxy in exec's own environment.
+    let outer = portcullis_integration_tests::ProxyProcess::start(
+        &["--allow", "chained.test"],
+        Some(&dns_cfg),
+    );
+    let outer_url = format!("http://{}", outer.http);
+    let cfg = config(
+        dir.path(),
+        Some(&dns),
+        "allowed_domains = [\"chained.test\"]",
+        "",
+    );
+    let port = origin.port();
+    let script = format!(
+        "echo \"child=$HTTP_PROXY\"; curl -sS -o /dev/null -w 'code=%{{http_code}}\\n' http://chained.test:{port}/via-outer"
+    );
+    let mut cmd = exec_command(&cfg, &["--no-prompt"], &["sh", "-c", &script]);
+    cmd.env("HTTP_PROXY", &outer_url)
+        .env("http_proxy", &outer_url)
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy");
+    let out = finish(cmd.spawn().unwrap(), Duration::from_secs(60));
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(stdout.contains("code=200"), "{stdout}");
+    let child_proxy = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("child="))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        child_proxy.starts_with("http://127.0.0.1:"),
+        "{child_proxy}"
+    );
+    assert_ne!(child_proxy, outer_url, "the child talks to the sidecar");
+    assert!(
+        outer.wait_for_stderr("route=direct", Duration::from_secs(5)),
+        "the sidecar did not use the outer proxy: {}",
+        outer.stderr_text()
+    );
+}
