@@ -5,6 +5,7 @@ mod cli;
 mod client;
 mod exec;
 mod reevaluate;
+mod requirements;
 mod rules;
 mod serve;
 mod server;
@@ -42,6 +43,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // The requirements client uses rustls with the ring provider (requirements.md §2).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -19,7 +19,7 @@ pub async fn run(args: ServeArgs) -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> Result<(), Failure> {
-    let server::Loaded { config, services } = server::load(&args.policy)?;
+    let server::Loaded { config, services } = server::load(&args.policy).await?;
     let listen = server::listen_addr(args.listen.as_deref(), &config)?;
     let token_path = match args.token_file.clone() {
         Some(p) => p,

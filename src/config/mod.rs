@@ -32,7 +32,7 @@ pub use overrides::ProxyOverrides;
 pub use parse::IntRange;
 pub use validate::{
     MAX_PATTERN_CHARS, MAX_UNIX_PATH_BYTES, check_control_endpoint, check_dns_server,
-    check_pattern, check_session_id, check_unix_path,
+    check_pattern, check_session_id, check_unix_path, check_url,
 };
 
 /// The embedded default configuration: exactly the defaults of the tables (`config.md` §1).
