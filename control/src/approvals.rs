@@ -343,10 +343,7 @@ impl Approvals {
                 .await
                 .unwrap_or_else(|| state.version());
         }
-        let label = outcome
-            .as_str_name()
-            .trim_start_matches("OUTCOME_")
-            .to_ascii_lowercase();
+        let label = portcullis::proto::outcome_label(outcome as i32);
         for w in &p.waiters {
             let _ =
                 w.tx.send(Ok(answer(

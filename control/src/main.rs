@@ -6,6 +6,7 @@ mod cli;
 mod client;
 mod exec;
 mod reevaluate;
+mod requirements;
 mod rules;
 mod serve;
 mod server;
@@ -38,6 +39,8 @@ fn main() -> ExitCode {
     };
     // stderr per --log, plus the audit slot `serve` fills (audit.md §1).
     let _ = portcullis::telemetry::init_logging(&log);
+    // The requirements client uses rustls with the ring provider (requirements.md §2).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -19,7 +19,7 @@ pub async fn run(args: ServeArgs) -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> Result<(), Failure> {
-    let server::Loaded { config, services } = server::load(&args.policy)?;
+    let server::Loaded { config, services } = server::load(&args.policy).await?;
     let listen = server::listen_addr(args.listen.as_deref(), &config)?;
     let audit = crate::audit::start(&config, &services.state.instance_id)
         .map_err(|message| Failure { code: 2, message })?;

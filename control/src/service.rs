@@ -309,6 +309,15 @@ impl DataPlane for Services {
                 "proxy_id: must be px- followed by 12 hex digits",
             ));
         }
+        if !self.state.requirements().listeners_permitted(&[
+            &hello.http_addr,
+            &hello.socks5_addr,
+            &hello.admin_addr,
+        ]) {
+            return Err(Status::failed_precondition(
+                "a listener is not on loopback and enterprise requirements forbid non-loopback proxies",
+            ));
+        }
         let state = self.state.clone();
         let snapshot = state.snapshot_for(&hello.session_id);
         let info = v1::ProxyInfo {
@@ -456,6 +465,13 @@ impl Control for Services {
         let r = request.into_inner();
         check_pending_id(&r.pending_id)?;
         let actor = actor_of(r.actor)?;
+        // No approval outside what the enterprise requirements permit (requirements.md §6).
+        if let Ok(ask) = self.approvals.get(&r.pending_id) {
+            self.state
+                .requirements()
+                .check_allow(&ask.host, u16::try_from(ask.port).unwrap_or(0))
+                .map_err(Status::failed_precondition)?;
+        }
         let (outcome, persist_failed) = match v1::ApprovalScope::try_from(r.scope) {
             Ok(v1::ApprovalScope::Once) => (v1::Outcome::AllowOnce, None),
             Ok(v1::ApprovalScope::Session) => {
@@ -690,16 +706,14 @@ impl Control for Services {
             .unwrap_or_else(|| "default".into());
         let snapshot = self.state.snapshot_for(&session);
         let entries = self.state.entries();
+        let requirements = self.state.requirements();
         Ok(Response::new(v1::PolicyView {
             version: snapshot.version,
             control_instance_id: self.state.instance_id.clone(),
             snapshot: Some(snapshot),
             entries,
-            managed_allowed_domains_only: false,
-            requirements: Some(v1::RequirementsStatus {
-                state: v1::RequirementsState::None as i32,
-                ..Default::default()
-            }),
+            managed_allowed_domains_only: requirements.managed_only(),
+            requirements: Some(requirements.status),
             proxies: self.state.proxies(),
         }))
     }
@@ -745,6 +759,13 @@ impl Control for Services {
         let deadline = crate::reevaluate::request_deadline(&request);
         let r = request.into_inner();
         let rule = rule_from_request(&r)?;
+        // Deny rules are always accepted; allows must respect the requirements.
+        if rule.decision == "allow" {
+            self.state
+                .requirements()
+                .check_allow(&rule.host, rule.port.unwrap_or(0))
+                .map_err(Status::failed_precondition)?;
+        }
         let line = rule.canonical();
         let (added, version, rules) = self
             .persist(rule)
@@ -897,10 +918,7 @@ impl Control for Services {
             control_instance_id: self.state.instance_id.clone(),
             version: self.state.version(),
             started_at: Some(timestamp(self.state.started_at)),
-            requirements: Some(v1::RequirementsStatus {
-                state: v1::RequirementsState::None as i32,
-                ..Default::default()
-            }),
+            requirements: Some(self.state.requirements().status),
             attached_proxies: self.state.proxies().len() as u32,
             pending_asks: self.approvals.list(None).len() as u32,
             rules_path: self.rules_path.display().to_string(),

@@ -4,6 +4,7 @@
 pub mod control;
 pub mod curl;
 pub mod dns;
+pub mod https_backend;
 pub mod origin;
 pub mod otlp;
 pub mod proxy;

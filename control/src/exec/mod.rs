@@ -51,7 +51,7 @@ async fn exec(args: ExecArgs, log: &str) -> Result<u8, Failure> {
             message: "usage error: exec needs a COMMAND after --".into(),
         });
     }
-    let server::Loaded { config, services } = server::load(&args.policy)?;
+    let server::Loaded { config, services } = server::load(&args.policy).await?;
     let session = match &args.session_id {
         Some(s) => s.clone(),
         None => format!(
