@@ -5,7 +5,7 @@ mod cli;
 mod client;
 mod exec;
 mod reevaluate;
-mod rules;
+use portcullis_control::rules;
 mod serve;
 mod server;
 mod service;
