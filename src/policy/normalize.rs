@@ -290,7 +290,7 @@ fn parse_ipv6_host(text: &str) -> Result<Host, HostError> {
 /// encoded `%`, so a zone that itself begins with `25` (and is longer) is written `%25` + zone.
 /// Found by the `policy_decision` fuzz target: `fe80::1%2525eth0` (zone `25eth0`) was shown as
 /// `fe80::1%25eth0`, which reads back as zone `eth0`.
-pub(crate) fn zone_text(z: &str) -> std::borrow::Cow<'_, str> {
+pub fn zone_text(z: &str) -> std::borrow::Cow<'_, str> {
     if z.len() > 2 && z.starts_with("25") {
         format!("25{z}").into()
     } else {
