@@ -14,7 +14,11 @@ use portcullis::policy::{
 pub fn assert_normalisation_idempotent(host: &Host) {
     let text = host.to_string();
     let again = normalize_host(&text);
-    assert_eq!(again.as_ref(), Ok(host), "normalise({text:?}) is not idempotent");
+    assert_eq!(
+        again.as_ref(),
+        Ok(host),
+        "normalise({text:?}) is not idempotent"
+    );
     if text.contains(':') {
         let bracketed = format!("[{text}]");
         assert_eq!(
@@ -143,24 +147,40 @@ pub fn decide_and_check(
         NameStage::Refuse(_) => return None,
         NameStage::Proceed(p) => p,
     };
-    assert!(sc.enabled, "a disabled proxy let {host} through the name stage");
+    assert!(
+        sc.enabled,
+        "a disabled proxy let {host} through the name stage"
+    );
     // Deny wins: an exact deny entry for the host, or one covering the literal, never passes.
     for d in &sc.denied {
         if exact_entry_names(d, host, port) {
-            panic!("deny entry {:?} names {host}:{port} but the name stage passed", d.text);
+            panic!(
+                "deny entry {:?} names {host}:{port} but the name stage passed",
+                d.text
+            );
         }
         if let Host::Ip { addr: ip, zone } = host
             && port_matches(d, port)
             && covers(d, *ip, zone.as_deref())
         {
-            panic!("deny entry {:?} covers {ip} but the name stage passed", d.text);
+            panic!(
+                "deny entry {:?} covers {ip} but the name stage passed",
+                d.text
+            );
         }
     }
     let addrs: Vec<IpAddr> = match &proceed.plan {
         AddressPlan::Addresses(a) => a.clone(),
         AddressPlan::Resolve(name) => {
-            assert_eq!(Some(name.as_str()), host.as_name(), "resolving another name");
-            assert!(!host.is_loopback_name(), "loopback names are never sent to DNS");
+            assert_eq!(
+                Some(name.as_str()),
+                host.as_name(),
+                "resolving another name"
+            );
+            assert!(
+                !host.is_loopback_name(),
+                "loopback names are never sent to DNS"
+            );
             if resolved.is_empty() {
                 let r = policy.resolution_failed(&ctx, &proceed, ResolveFailure::NoAddresses);
                 assert_eq!(

@@ -44,13 +44,22 @@ fuzz_target!(|data: &[u8]| {
     let Ok(cfg) = first else {
         return;
     };
-    assert!(Config::reload_check(&cfg, &cfg).is_ok(), "a config cannot reload itself");
+    assert!(
+        Config::reload_check(&cfg, &cfg).is_ok(),
+        "a config cannot reload itself"
+    );
     if let Ok(policy) = CompiledPolicy::from_config(&cfg) {
         for p in policy.allowed_patterns() {
-            assert!(checked_pattern(&p, ListKind::Allow).is_some(), "compiled {p:?} invalid");
+            assert!(
+                checked_pattern(&p, ListKind::Allow).is_some(),
+                "compiled {p:?} invalid"
+            );
         }
         for p in policy.denied_patterns() {
-            assert!(checked_pattern(&p, ListKind::Deny).is_some(), "compiled {p:?} invalid");
+            assert!(
+                checked_pattern(&p, ListKind::Deny).is_some(),
+                "compiled {p:?} invalid"
+            );
         }
     }
     let json = cfg.to_json();
@@ -84,7 +93,11 @@ fuzz_target!(|data: &[u8]| {
     match Config::from_toml_str(&text, "roundtrip.toml") {
         // Compared as the JSON view: `Config`'s equality also compares where each list
         // entry was written (key and column), which a rewrite necessarily changes.
-        Ok(again) => assert_eq!(again.to_json(), json, "round trip changed the config\n{text}"),
+        Ok(again) => assert_eq!(
+            again.to_json(),
+            json,
+            "round trip changed the config\n{text}"
+        ),
         Err(e) => panic!("round-tripped config does not parse: {e}\n{text}"),
     }
 });

@@ -21,7 +21,13 @@ use portcullis::policy::{AskMode, ListKind, normalize_host, split_authority};
 use portcullis_dataplane::http_target::{absolute_target, connect_target};
 
 fn scenario(limited: bool) -> Scenario {
-    let allow = ["example.com", "**.example.org", "127.0.0.1:8080", "localhost", "[::1]:80"];
+    let allow = [
+        "example.com",
+        "**.example.org",
+        "127.0.0.1:8080",
+        "localhost",
+        "[::1]:80",
+    ];
     let deny = ["evil.example.org", "169.254.0.0/16", "*:25"];
     Scenario {
         enabled: true,
@@ -29,8 +35,14 @@ fn scenario(limited: bool) -> Scenario {
         mitm: false,
         allow_local_binding: false,
         asks: AskMode::Standalone,
-        allowed: allow.iter().filter_map(|e| checked_pattern(e, ListKind::Allow)).collect(),
-        denied: deny.iter().filter_map(|e| checked_pattern(e, ListKind::Deny)).collect(),
+        allowed: allow
+            .iter()
+            .filter_map(|e| checked_pattern(e, ListKind::Allow))
+            .collect(),
+        denied: deny
+            .iter()
+            .filter_map(|e| checked_pattern(e, ListKind::Deny))
+            .collect(),
         session_allows: Vec::new(),
     }
 }
@@ -71,9 +83,16 @@ fuzz_target!(|data: &[u8]| {
     assert_normalisation_idempotent(&dest.host);
 
     // The decided host is the normalised authority of the request target.
-    let authority = req.uri().authority().expect("an accepted target has an authority");
+    let authority = req
+        .uri()
+        .authority()
+        .expect("an accepted target has an authority");
     let (raw_host, raw_port) = split_authority(authority.as_str()).expect("accepted authority");
-    assert_eq!(normalize_host(raw_host).as_ref(), Ok(&dest.host), "{authority}");
+    assert_eq!(
+        normalize_host(raw_host).as_ref(),
+        Ok(&dest.host),
+        "{authority}"
+    );
     match (raw_port, dest.scheme) {
         (Some(p), _) => assert_eq!(p, dest.port),
         (None, Some(s)) => assert_eq!(s.default_port(), dest.port),
@@ -88,7 +107,11 @@ fuzz_target!(|data: &[u8]| {
     // The Host value the proxy forwards parses back to the same destination.
     let forwarded = dest.host_header();
     let (fh, fp) = split_authority(&forwarded).expect("forwarded Host splits");
-    assert_eq!(normalize_host(fh).as_ref(), Ok(&dest.host), "forwarded {forwarded:?}");
+    assert_eq!(
+        normalize_host(fh).as_ref(),
+        Ok(&dest.host),
+        "forwarded {forwarded:?}"
+    );
     let fport = fp.or(dest.scheme.map(|s| s.default_port()));
     assert_eq!(fport, Some(dest.port), "forwarded {forwarded:?}");
 
@@ -102,7 +125,11 @@ fuzz_target!(|data: &[u8]| {
     for limited in [false, true] {
         let sc = scenario(limited);
         let policy = sc.compile();
-        for answer in [&["93.184.216.34"][..], &["127.0.0.1"], &["8.8.8.8", "10.0.0.1"]] {
+        for answer in [
+            &["93.184.216.34"][..],
+            &["127.0.0.1"],
+            &["8.8.8.8", "10.0.0.1"],
+        ] {
             let resolved: Vec<IpAddr> = answer.iter().filter_map(|a| a.parse().ok()).collect();
             decide_and_check(
                 &sc,

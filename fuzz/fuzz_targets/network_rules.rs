@@ -17,7 +17,11 @@ fuzz_target!(|data: &[u8]| {
         Ok(r) => r,
         Err(e) => {
             let lines = data.iter().filter(|b| **b == b'\n').count() + 1;
-            assert!(e.line >= 1 && e.line <= lines.max(1), "error line {} of {lines}", e.line);
+            assert!(
+                e.line >= 1 && e.line <= lines.max(1),
+                "error line {} of {lines}",
+                e.line
+            );
             assert!(e.column >= 1, "error column {}", e.column);
             return;
         }
@@ -30,13 +34,17 @@ fuzz_target!(|data: &[u8]| {
             Ok(Some(r)) => r,
             other => panic!("canonical line {line:?} of {rule:?} does not parse: {other:?}"),
         };
-        assert_eq!(&again, rule, "canonical line {line:?} parses to another rule");
+        assert_eq!(
+            &again, rule,
+            "canonical line {line:?} parses to another rule"
+        );
         assert_eq!(again.canonical(), line, "canonical rendering is not stable");
 
         // The stored host is in normal form: it parses to itself, with no port inside.
         let h = parse_host(&rule.host);
         assert!(
-            h.as_ref().is_ok_and(|h| h.host == rule.host && h.port.is_none()),
+            h.as_ref()
+                .is_ok_and(|h| h.host == rule.host && h.port.is_none()),
             "rule host {:?} does not re-parse to itself: {h:?}",
             rule.host
         );

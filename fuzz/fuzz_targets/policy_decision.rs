@@ -23,7 +23,10 @@ fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     let mut lines = text.split('\n');
     let raw_host = lines.next().unwrap_or_default();
-    let port: u16 = lines.next().and_then(|p| p.trim().parse().ok()).unwrap_or(443);
+    let port: u16 = lines
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or(443);
     let flags = lines.next().unwrap_or_default();
 
     let mut sc = Scenario {

@@ -21,9 +21,9 @@ use std::sync::OnceLock;
 use std::task::{Context, Poll};
 
 use common::{Scenario, assert_normalisation_idempotent, checked_pattern, decide_and_check};
+use fast_socks5::Socks5Command;
 use fast_socks5::server::{NoAuthentication, Socks5ServerProtocol, SocksServerError};
 use fast_socks5::util::target_addr::TargetAddr;
-use fast_socks5::Socks5Command;
 use libfuzzer_sys::fuzz_target;
 use portcullis::decision::Protocol;
 use portcullis::policy::{AskMode, Host, ListKind, canonical_ip, normalize_host};
@@ -73,7 +73,13 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 }
 
 fn scenario() -> Scenario {
-    let allow = ["example.com", "**.example.org", "127.0.0.1:8080", "[::1]:53", "10.0.0.0/8"];
+    let allow = [
+        "example.com",
+        "**.example.org",
+        "127.0.0.1:8080",
+        "[::1]:53",
+        "10.0.0.0/8",
+    ];
     let deny = ["evil.example.org", "192.168.0.0/16", "*:25"];
     Scenario {
         enabled: true,
@@ -81,8 +87,14 @@ fn scenario() -> Scenario {
         mitm: false,
         allow_local_binding: false,
         asks: AskMode::Standalone,
-        allowed: allow.iter().filter_map(|e| checked_pattern(e, ListKind::Allow)).collect(),
-        denied: deny.iter().filter_map(|e| checked_pattern(e, ListKind::Deny)).collect(),
+        allowed: allow
+            .iter()
+            .filter_map(|e| checked_pattern(e, ListKind::Allow))
+            .collect(),
+        denied: deny
+            .iter()
+            .filter_map(|e| checked_pattern(e, ListKind::Deny))
+            .collect(),
         session_allows: Vec::new(),
     }
 }
@@ -207,18 +219,37 @@ fuzz_target!(|data: &[u8]| {
 
     if let Ok(d) = parse_datagram(datagram) {
         assert_ne!(d.port, 0);
-        assert!(datagram.ends_with(d.data), "payload is not the tail of the datagram");
+        assert!(
+            datagram.ends_with(d.data),
+            "payload is not the tail of the datagram"
+        );
         assert_normalisation_idempotent(&d.host);
         let again = encode(&d.host, d.port, d.data);
-        assert_eq!(parse_datagram(&again), Ok(d.clone_parts()), "re-encoded header differs");
+        assert_eq!(
+            parse_datagram(&again),
+            Ok(d.clone_parts()),
+            "re-encoded header differs"
+        );
         if let Some(ip) = d.host.as_ip() {
             let mut out = Vec::new();
             wrap_reply(SocketAddr::new(ip, d.port), d.data, &mut out);
             let back = parse_datagram(&out).expect("a wrapped reply parses");
-            assert_eq!((back.host.as_ip(), back.port, back.data), (Some(ip), d.port, d.data));
+            assert_eq!(
+                (back.host.as_ip(), back.port, back.data),
+                (Some(ip), d.port, d.data)
+            );
         }
         let policy = sc.compile();
-        decide_and_check(&sc, &policy, Protocol::Socks5Udp, &d.host, d.port, None, false, &resolved);
+        decide_and_check(
+            &sc,
+            &policy,
+            Protocol::Socks5Udp,
+            &d.host,
+            d.port,
+            None,
+            false,
+            &resolved,
+        );
     }
 });
 
