@@ -6,3 +6,4 @@ pub mod endpoint;
 pub mod policy;
 pub mod proto;
 pub mod secret;
+pub mod telemetry;

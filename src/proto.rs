@@ -162,6 +162,17 @@ impl TryFrom<&v1::Decision> for Decision {
     }
 }
 
+/// An `Outcome` as users see it: `allow_session`, `policy_deny`, … (`unknown` for other values).
+pub fn outcome_label(outcome: i32) -> String {
+    v1::Outcome::try_from(outcome)
+        .map(|o| {
+            o.as_str_name()
+                .trim_start_matches("OUTCOME_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 /// A snapshot's host policy as the engine takes it: port rules folded into the lists as
 /// `host:port` entries, session allows typed. Shared by the data plane (which applies snapshots)
 /// and the control plane (which re-judges pending asks after a policy change).
@@ -176,6 +187,30 @@ pub struct SnapshotLists {
 }
 
 impl SnapshotLists {
+    /// The engine's input for `snap`: `enabled` and `mitm` are the proxy's own settings (a
+    /// snapshot carries neither).
+    pub fn policy_spec(
+        snap: &v1::PolicySnapshot,
+        enabled: bool,
+        mitm: bool,
+    ) -> Result<crate::policy::PolicySpec, String> {
+        let lists = SnapshotLists::from_snapshot(snap)?;
+        Ok(crate::policy::PolicySpec {
+            enabled,
+            limited: snap.mode == "limited",
+            mitm,
+            allow_local_binding: snap.allow_local_binding,
+            allowed: lists.allowed,
+            denied: lists.denied,
+            session_allows: lists.session_allows,
+            asks: if snap.asks_enabled {
+                crate::policy::AskMode::Enabled
+            } else {
+                crate::policy::AskMode::Disabled
+            },
+        })
+    }
+
     /// Flattens `snap`; an invalid decision, protocol or port names the field.
     pub fn from_snapshot(snap: &v1::PolicySnapshot) -> Result<SnapshotLists, String> {
         let mut allowed = snap.allowed_domains.clone();

@@ -79,6 +79,19 @@ pub struct AskIn {
     pub tx: Outbound,
 }
 
+/// An ask ended by the system (expiry, cancel): actor `system`, address `unknown`.
+fn system_end(outcome: Option<v1::Outcome>, waiters: usize) -> crate::audit::Resolution<'static> {
+    crate::audit::Resolution {
+        outcome,
+        actor: "system",
+        client_address: "unknown",
+        waiters,
+        persisted: false,
+        policy_version: 0,
+        justification: None,
+    }
+}
+
 fn new_ask_id() -> String {
     // Kept as before: an unreadable /dev/urandom yields zeros (noted as a follow-up).
     let hex = portcullis::secret::random_hex(8).unwrap_or_else(|_| "0".repeat(16));
@@ -275,6 +288,8 @@ impl Approvals {
 
     /// Resolves an ask and answers every waiter; session allows are pushed first so released
     /// requests and later ones see the same policy (control.md §6 rule 7).
+    /// (Kept for callers without an approver address.)
+    #[allow(dead_code)]
     pub async fn resolve(
         &self,
         state: &Arc<ControlState>,
@@ -296,6 +311,23 @@ impl Approvals {
         actor: &str,
         deny_reason: &str,
     ) -> Result<(v1::PendingAsk, u64), Status> {
+        self.resolve_by(state, id, outcome, actor, deny_reason, "unknown", None)
+            .await
+    }
+
+    /// [`Approvals::resolve_with_reason`], naming the approver's address (`client.address` of
+    /// the `portcullis.approval` audit record) and the justification, if any.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn resolve_by(
+        &self,
+        state: &Arc<ControlState>,
+        id: &str,
+        outcome: v1::Outcome,
+        actor: &str,
+        deny_reason: &str,
+        client_address: &str,
+        justification: Option<&str>,
+    ) -> Result<(v1::PendingAsk, u64), Status> {
         let p = self.take(id)?;
         let allow = matches!(
             outcome,
@@ -311,10 +343,7 @@ impl Approvals {
                 .await
                 .unwrap_or_else(|| state.version());
         }
-        let label = outcome
-            .as_str_name()
-            .trim_start_matches("OUTCOME_")
-            .to_ascii_lowercase();
+        let label = portcullis::proto::outcome_label(outcome as i32);
         for w in &p.waiters {
             let _ =
                 w.tx.send(Ok(answer(
@@ -328,6 +357,21 @@ impl Approvals {
                 .await;
         }
         self.remember(id, format!("{label} by {actor}"));
+        let persisted = matches!(outcome, v1::Outcome::AllowAlways | v1::Outcome::DenyAlways);
+        // Policy changes are the system's doing (audit.md §3).
+        let by_policy = matches!(outcome, v1::Outcome::PolicyAllow | v1::Outcome::PolicyDeny);
+        crate::audit::approval(
+            &p.ask,
+            &crate::audit::Resolution {
+                outcome: Some(outcome),
+                actor: if by_policy { "system" } else { actor },
+                client_address: if by_policy { "unknown" } else { client_address },
+                waiters: p.waiters.len(),
+                persisted,
+                policy_version: if persisted { state.version() } else { version },
+                justification,
+            },
+        );
         let _ = self.events.send(event(v1::pending_event::Event::Resolved(
             v1::pending_event::Resolved {
                 ask: Some(p.ask.clone()),
@@ -357,6 +401,7 @@ impl Approvals {
                 .await;
         }
         self.remember(id, "expired".into());
+        crate::audit::approval(&p.ask, &system_end(None, p.waiters.len()));
         let _ = self.events.send(event(v1::pending_event::Event::Expired(
             v1::pending_event::Expired { ask: Some(p.ask) },
         )));
@@ -397,6 +442,10 @@ impl Approvals {
                     .await;
             }
             self.remember(&p.ask.id, "cancelled (session ended)".into());
+            crate::audit::approval(
+                &p.ask,
+                &system_end(Some(v1::Outcome::Cancelled), p.waiters.len()),
+            );
         }
         ended.len()
     }
@@ -411,6 +460,10 @@ impl Approvals {
             Err(_) => return,
         };
         for p in all {
+            crate::audit::approval(
+                &p.ask,
+                &system_end(Some(v1::Outcome::Cancelled), p.waiters.len()),
+            );
             for w in &p.waiters {
                 let _ =
                     w.tx.send(Ok(answer(

@@ -169,15 +169,6 @@ async fn watch(c: &mut Client, json: bool) -> Result<(), Failure> {
         .await
         .map_err(rpc_error)?
         .into_inner();
-    let outcome_name = |o: i32| {
-        v1::Outcome::try_from(o)
-            .map(|o| {
-                o.as_str_name()
-                    .trim_start_matches("OUTCOME_")
-                    .to_ascii_lowercase()
-            })
-            .unwrap_or_else(|_| "unknown".into())
-    };
     while let Some(e) = stream.message().await.map_err(rpc_error)? {
         let Some(event) = e.event else { continue };
         let (human, machine) = match event {
@@ -197,7 +188,7 @@ async fn watch(c: &mut Client, json: bool) -> Result<(), Failure> {
             }
             Event::Resolved(r) => {
                 let id = r.ask.map(|a| a.id).unwrap_or_default();
-                let outcome = outcome_name(r.outcome);
+                let outcome = portcullis::proto::outcome_label(r.outcome);
                 (
                     format!("resolved {id} {outcome} by {}", r.actor),
                     serde_json::json!({"event": "resolved", "id": id, "outcome": outcome, "actor": r.actor,
@@ -340,7 +331,8 @@ pub async fn policy(args: PolicyArgs) -> ExitCode {
                     "{}",
                     serde_json::json!({"kind": "summary", "version": view.version, "instance": view.control_instance_id,
                         "mode": snap.mode, "allow_local_binding": snap.allow_local_binding,
-                        "managed_allowed_domains_only": view.managed_allowed_domains_only})
+                        "managed_allowed_domains_only": view.managed_allowed_domains_only,
+                        "requirements": requirements_json(view.requirements.as_ref())})
                 );
                 for e in &view.entries {
                     println!(
@@ -357,7 +349,9 @@ pub async fn policy(args: PolicyArgs) -> ExitCode {
                 );
                 for e in &view.entries {
                     let port = if e.port == 0 { String::new() } else { format!(":{}", e.port) };
-                    println!("{}  {}{port}  {}", e.decision.to_ascii_uppercase(), e.pattern, source(e.source));
+                    let line = if e.rule_line == 0 { String::new() } else { format!(" (line {})", e.rule_line) };
+                    let ignored = if e.ignored { format!("  ignored: {}", e.ignored_reason) } else { String::new() };
+                    println!("{}  {}{port}  {}{line}{ignored}", e.decision.to_ascii_uppercase(), e.pattern, source(e.source));
                 }
                 for p in &snap.allow_unix_sockets {
                     println!("UNIX  {p}");
@@ -367,4 +361,25 @@ pub async fn policy(args: PolicyArgs) -> ExitCode {
         }
         .await,
     )
+}
+
+/// The `requirements` object of the `policy --json` summary.
+fn requirements_json(r: Option<&v1::RequirementsStatus>) -> serde_json::Value {
+    let Some(r) = r else {
+        return serde_json::Value::Null;
+    };
+    let state = v1::RequirementsState::try_from(r.state)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("REQUIREMENTS_STATE_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_else(|_| "unknown".into());
+    let fetched_at = r.fetched_at.as_ref().map(|t| {
+        portcullis::decision::format_timestamp(
+            std::time::UNIX_EPOCH
+                + std::time::Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32),
+        )
+    });
+    serde_json::json!({"state": state, "url": r.url, "fetched_at": fetched_at, "last_error": r.last_error})
 }

@@ -1,10 +1,12 @@
 //! `portcullis-control`: the Portcullis control plane.
 
 mod approvals;
+mod audit;
 mod cli;
 mod client;
 mod exec;
 mod reevaluate;
+mod requirements;
 use portcullis_control::rules;
 mod serve;
 mod server;
@@ -35,13 +37,10 @@ fn main() -> ExitCode {
         cli::Command::Exec(_) if default_log => ("warn".to_string(), "error".to_string()),
         _ => (cli.log.clone(), cli.log.clone()),
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // stderr per --log, plus the audit slot `serve` fills (audit.md §1).
+    let _ = portcullis::telemetry::init_logging(&log);
+    // The requirements client uses rustls with the ring provider (requirements.md §2).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

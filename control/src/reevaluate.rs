@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use portcullis::decision::{Protocol, Reason, Verdict};
-use portcullis::policy::{AskMode, CompiledPolicy, NameStage, PolicySpec, RequestContext};
+use portcullis::policy::{CompiledPolicy, NameStage, RequestContext};
 use portcullis::proto::{SnapshotLists, v1};
 
 use crate::service::Services;
@@ -27,21 +27,7 @@ enum Judgement {
 
 /// The host policy of one session's snapshot, as the data plane would compile it.
 fn compile(snap: &v1::PolicySnapshot) -> Option<CompiledPolicy> {
-    let lists = SnapshotLists::from_snapshot(snap).ok()?;
-    let spec = PolicySpec {
-        enabled: true,
-        limited: snap.mode == "limited",
-        mitm: false,
-        allow_local_binding: snap.allow_local_binding,
-        allowed: lists.allowed,
-        denied: lists.denied,
-        session_allows: lists.session_allows,
-        asks: if snap.asks_enabled {
-            AskMode::Enabled
-        } else {
-            AskMode::Disabled
-        },
-    };
+    let spec = SnapshotLists::policy_spec(snap, true, false).ok()?;
     CompiledPolicy::compile(&spec).ok()
 }
 

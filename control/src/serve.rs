@@ -19,8 +19,10 @@ pub async fn run(args: ServeArgs) -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> Result<(), Failure> {
-    let server::Loaded { config, services } = server::load(&args.policy)?;
+    let server::Loaded { config, services } = server::load(&args.policy).await?;
     let listen = server::listen_addr(args.listen.as_deref(), &config)?;
+    let audit = crate::audit::start(&config, &services.state.instance_id)
+        .map_err(|message| Failure { code: 2, message })?;
     let token_path = match args.token_file.clone() {
         Some(p) => p,
         None => config.control_token_file().map_err(|e| Failure {
@@ -66,6 +68,7 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
     signals.wait(&services).await;
     tracing::info!("shutting down");
     running.shutdown(&services).await;
+    crate::audit::shutdown(audit).await;
     Ok(())
 }
 

@@ -59,7 +59,7 @@ pub struct Loaded {
 
 /// Loads config (or the embedded defaults), the rules file (a broken one refuses to start,
 /// network-rules.md §6.1) and builds the state.
-pub fn load(policy: &PolicySourceArgs) -> Result<Loaded, Failure> {
+pub async fn load(policy: &PolicySourceArgs) -> Result<Loaded, Failure> {
     let config = match &policy.config {
         Some(p) => Config::load(p),
         None => Config::embedded(),
@@ -73,7 +73,16 @@ pub fn load(policy: &PolicySourceArgs) -> Result<Loaded, Failure> {
         crate::rules::load(&rules_path).map_err(|(code, message)| Failure { code, message })?;
     tracing::info!(path = %rules_path.display(), rules = rules.len(), "rules loaded");
     let compiled = crate::rules::compile(&rules);
+    // Enterprise requirements: before any listener serves; fail closed (requirements.md §4).
+    let requirements = crate::requirements::load_at_startup(&config, policy)
+        .await
+        .map_err(|e| Failure {
+            code: e.code,
+            message: e.message,
+        })?;
     let state = ControlState::new(&config, instance_id(), &compiled).map_err(Failure::config)?;
+    state.init_requirements(requirements.active);
+    let state = Arc::new(state);
     let ask_timeout = Duration::from_secs(
         policy
             .ask_timeout
@@ -88,13 +97,18 @@ pub fn load(policy: &PolicySourceArgs) -> Result<Loaded, Failure> {
         config.control.watch_buffer as usize,
     ));
     let services = Services {
-        state: Arc::new(state),
+        state,
         approvals,
         ask_timeout,
         rules: Arc::new(std::sync::Mutex::new(rules)),
         rules_path,
+        rules_error: Default::default(),
         max_session_allows: config.approvals.max_session_allows as usize,
     };
+    if let Some(refresher) = requirements.refresher {
+        // The first refresh is due one interval after the fetch; a failed start exits anyway.
+        crate::requirements::spawn_refresh(refresher, services.clone());
+    }
     Ok(Loaded { config, services })
 }
 

@@ -32,6 +32,9 @@ pub struct Services {
     pub rules: Arc<std::sync::Mutex<Vec<crate::rules::Rule>>>,
     /// The rules file.
     pub rules_path: std::path::PathBuf,
+    /// Why the rules file on disk is not in force (its last reload failed: `PATH:LINE:COLUMN:
+    /// MESSAGE` or a read error); empty when the file and memory agree. `GetStatus.rules_error`.
+    pub rules_error: Arc<std::sync::Mutex<String>>,
     /// `approvals.max_session_allows`.
     pub max_session_allows: usize,
 }
@@ -142,6 +145,12 @@ impl Services {
     pub async fn reload_rules(&self) {
         let path = self.rules_path.clone();
         let loaded = tokio::task::spawn_blocking(move || crate::rules::load(&path)).await;
+        let error = match &loaded {
+            Ok(Ok(_)) => String::new(),
+            Ok(Err((_, msg))) => msg.clone(),
+            Err(e) => format!("rules reload failed: {e}"),
+        };
+        self.set_rules_error(error);
         match loaded {
             Ok(Ok(rules)) => {
                 let changed = self.rules.lock().map(|cur| *cur != rules).unwrap_or(true);
@@ -161,17 +170,37 @@ impl Services {
         }
     }
 
+    fn set_rules_error(&self, error: String) {
+        if let Ok(mut cur) = self.rules_error.lock() {
+            *cur = error;
+        }
+    }
+
     /// Appends a rule under the file lock; on success the new rules are enforced and pushed.
+    /// On failure (the file no longer parses, write or lock error) nothing is written; the file
+    /// is re-read so memory and `rules_error` match the disk (network-rules.md §5.5, §6.2).
     async fn persist(
         &self,
         rule: crate::rules::Rule,
     ) -> Result<(bool, u64, Vec<crate::rules::Rule>), String> {
         let path = self.rules_path.clone();
-        let (added, rules) =
+        let written =
             tokio::task::spawn_blocking(move || crate::rules::store::append(&path, &rule))
                 .await
-                .map_err(|e| format!("rules writer failed: {e}"))??;
-        let version = if added {
+                .map_err(|e| format!("rules writer failed: {e}"))
+                .and_then(|r| r);
+        let (added, rules) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!("rules file not written: {e}");
+                self.reload_rules().await;
+                return Err(e);
+            }
+        };
+        self.set_rules_error(String::new());
+        // The file may also hold lines other processes wrote since the last read.
+        let changed = self.rules.lock().map(|cur| *cur != rules).unwrap_or(true);
+        let version = if added || changed {
             self.state.set_rules(&crate::rules::compile(&rules)).await
         } else {
             self.state.version()
@@ -211,6 +240,13 @@ fn check_ask(req: &v1::AskRequest) -> Result<(), String> {
         Ok(_) => Err("host: not normalised".into()),
         Err(e) => Err(format!("host: {e}")),
     }
+}
+
+/// The approver's address for audit records: the gRPC peer IP, `unix` without one.
+fn peer_label<T>(request: &Request<T>) -> String {
+    request
+        .remote_addr()
+        .map_or_else(|| "unix".to_string(), |a| a.ip().to_string())
 }
 
 fn actor_of(a: Option<String>) -> Result<String, Status> {
@@ -271,6 +307,15 @@ impl DataPlane for Services {
         if !hello.proxy_id.starts_with("px-") || hello.proxy_id.len() != 15 {
             return Err(Status::invalid_argument(
                 "proxy_id: must be px- followed by 12 hex digits",
+            ));
+        }
+        if !self.state.requirements().listeners_permitted(&[
+            &hello.http_addr,
+            &hello.socks5_addr,
+            &hello.admin_addr,
+        ]) {
+            return Err(Status::failed_precondition(
+                "a listener is not on loopback and enterprise requirements forbid non-loopback proxies",
             ));
         }
         let state = self.state.clone();
@@ -415,12 +460,20 @@ impl Control for Services {
         &self,
         request: Request<v1::ApproveRequest>,
     ) -> Result<Response<v1::ApproveResponse>, Status> {
+        let peer = peer_label(&request);
         let deadline = crate::reevaluate::request_deadline(&request);
         let r = request.into_inner();
         check_pending_id(&r.pending_id)?;
         let actor = actor_of(r.actor)?;
+        // No approval outside what the enterprise requirements permit (requirements.md §6).
+        if let Ok(ask) = self.approvals.get(&r.pending_id) {
+            self.state
+                .requirements()
+                .check_allow(&ask.host, u16::try_from(ask.port).unwrap_or(0))
+                .map_err(Status::failed_precondition)?;
+        }
         let (outcome, persist_failed) = match v1::ApprovalScope::try_from(r.scope) {
-            Ok(v1::ApprovalScope::Once) => (v1::Outcome::AllowOnce, false),
+            Ok(v1::ApprovalScope::Once) => (v1::Outcome::AllowOnce, None),
             Ok(v1::ApprovalScope::Session) => {
                 let ask = self.approvals.get(&r.pending_id)?;
                 if self.state.session_allow_count(&ask.session_id) >= self.max_session_allows {
@@ -430,17 +483,19 @@ impl Control for Services {
                         ask.session_id, self.max_session_allows
                     )));
                 }
-                (v1::Outcome::AllowSession, false)
+                (v1::Outcome::AllowSession, None)
             }
             Ok(v1::ApprovalScope::Always) => {
                 // Persist first: the new snapshot reaches the proxies before the answer.
                 let ask = self.approvals.get(&r.pending_id)?;
                 let rule = always_rule(&ask, true, r.justification.clone(), &actor);
                 match self.persist(rule).await {
-                    Ok(_) => (v1::Outcome::AllowAlways, false),
+                    Ok(_) => (v1::Outcome::AllowAlways, None),
                     Err(e) => {
-                        tracing::error!("could not persist rule: {e}");
-                        (v1::Outcome::AllowSession, true)
+                        tracing::error!(
+                            "could not persist rule: {e}; applying as allow_session only"
+                        );
+                        (v1::Outcome::AllowSession, Some(e))
                     }
                 }
             }
@@ -452,16 +507,24 @@ impl Control for Services {
         };
         let (ask, mut policy_version) = self
             .approvals
-            .resolve(&self.state, &r.pending_id, outcome, &actor)
+            .resolve_by(
+                &self.state,
+                &r.pending_id,
+                outcome,
+                &actor,
+                "approval_denied",
+                &peer,
+                r.justification.as_deref(),
+            )
             .await?;
         if outcome == v1::Outcome::AllowAlways {
             policy_version = self.state.version();
             // The new rule may decide other pending asks too.
             self.resolve_asks_by_policy().await;
         }
-        if persist_failed {
+        if let Some(e) = persist_failed {
             return Err(Status::internal(format!(
-                "could not persist rule for ask {}; applied as allow_session only",
+                "could not persist rule: {e}; applied as allow_session only (ask {})",
                 ask.id
             )));
         }
@@ -482,20 +545,21 @@ impl Control for Services {
         &self,
         request: Request<v1::DenyRequest>,
     ) -> Result<Response<v1::DenyResponse>, Status> {
+        let peer = peer_label(&request);
         let deadline = crate::reevaluate::request_deadline(&request);
         let r = request.into_inner();
         check_pending_id(&r.pending_id)?;
         let actor = actor_of(r.actor)?;
         let (outcome, persist_failed) = match v1::ApprovalScope::try_from(r.scope) {
-            Ok(v1::ApprovalScope::Once) => (v1::Outcome::DenyOnce, false),
+            Ok(v1::ApprovalScope::Once) => (v1::Outcome::DenyOnce, None),
             Ok(v1::ApprovalScope::Always) => {
                 let ask = self.approvals.get(&r.pending_id)?;
                 let rule = always_rule(&ask, false, r.justification.clone(), &actor);
                 match self.persist(rule).await {
-                    Ok(_) => (v1::Outcome::DenyAlways, false),
+                    Ok(_) => (v1::Outcome::DenyAlways, None),
                     Err(e) => {
-                        tracing::error!("could not persist rule: {e}");
-                        (v1::Outcome::DenyOnce, true)
+                        tracing::error!("could not persist rule: {e}; applying as deny_once only");
+                        (v1::Outcome::DenyOnce, Some(e))
                     }
                 }
             }
@@ -503,11 +567,19 @@ impl Control for Services {
         };
         let (ask, _) = self
             .approvals
-            .resolve(&self.state, &r.pending_id, outcome, &actor)
+            .resolve_by(
+                &self.state,
+                &r.pending_id,
+                outcome,
+                &actor,
+                "approval_denied",
+                &peer,
+                r.justification.as_deref(),
+            )
             .await?;
-        if persist_failed {
+        if let Some(e) = persist_failed {
             return Err(Status::internal(format!(
-                "could not persist rule for ask {}; applied as deny_once only",
+                "could not persist rule: {e}; applied as deny_once only (ask {})",
                 ask.id
             )));
         }
@@ -634,16 +706,14 @@ impl Control for Services {
             .unwrap_or_else(|| "default".into());
         let snapshot = self.state.snapshot_for(&session);
         let entries = self.state.entries();
+        let requirements = self.state.requirements();
         Ok(Response::new(v1::PolicyView {
             version: snapshot.version,
             control_instance_id: self.state.instance_id.clone(),
             snapshot: Some(snapshot),
             entries,
-            managed_allowed_domains_only: false,
-            requirements: Some(v1::RequirementsStatus {
-                state: v1::RequirementsState::None as i32,
-                ..Default::default()
-            }),
+            managed_allowed_domains_only: requirements.managed_only(),
+            requirements: Some(requirements.status),
             proxies: self.state.proxies(),
         }))
     }
@@ -689,6 +759,13 @@ impl Control for Services {
         let deadline = crate::reevaluate::request_deadline(&request);
         let r = request.into_inner();
         let rule = rule_from_request(&r)?;
+        // Deny rules are always accepted; allows must respect the requirements.
+        if rule.decision == "allow" {
+            self.state
+                .requirements()
+                .check_allow(&rule.host, rule.port.unwrap_or(0))
+                .map_err(Status::failed_precondition)?;
+        }
         let line = rule.canonical();
         let (added, version, rules) = self
             .persist(rule)
@@ -742,11 +819,19 @@ impl Control for Services {
         };
         let path = self.rules_path.clone();
         let name = host.host.clone();
-        let (removed, rules) =
+        let written =
             tokio::task::spawn_blocking(move || crate::rules::store::remove(&path, &name, port))
                 .await
-                .map_err(|e| Status::internal(format!("rules writer failed: {e}")))?
-                .map_err(Status::failed_precondition)?;
+                .map_err(|e| Status::internal(format!("rules writer failed: {e}")))?;
+        let (removed, rules) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!("rules file not written: {e}");
+                self.reload_rules().await;
+                return Err(Status::failed_precondition(e));
+            }
+        };
+        self.set_rules_error(String::new());
         if removed == 0 {
             return Err(Status::not_found(format!(
                 "no rule for {}{}",
@@ -833,15 +918,19 @@ impl Control for Services {
             control_instance_id: self.state.instance_id.clone(),
             version: self.state.version(),
             started_at: Some(timestamp(self.state.started_at)),
-            requirements: Some(v1::RequirementsStatus {
-                state: v1::RequirementsState::None as i32,
-                ..Default::default()
-            }),
+            requirements: Some(self.state.requirements().status),
             attached_proxies: self.state.proxies().len() as u32,
             pending_asks: self.approvals.list(None).len() as u32,
             rules_path: self.rules_path.display().to_string(),
             rules_count: self.rules.lock().map(|r| r.len() as u32).unwrap_or(0),
-            ..Default::default()
+            audit_events_total: crate::audit::counts().total,
+            audit_events_exported: crate::audit::counts().exported,
+            audit_events_dropped: crate::audit::counts().dropped(),
+            rules_error: self
+                .rules_error
+                .lock()
+                .map(|e| e.clone())
+                .unwrap_or_default(),
         }))
     }
 }

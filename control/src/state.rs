@@ -45,6 +45,12 @@ pub struct ControlState {
     entries: Mutex<Vec<v1::PolicyEntry>>,
     config_allowed: Vec<String>,
     config_denied: Vec<String>,
+    /// The snapshot fields from the config alone (requirements are applied on top).
+    local_base: v1::PolicySnapshot,
+    /// The compiled rules in force.
+    rules: Mutex<crate::rules::Compiled>,
+    /// Enterprise requirements in force and their status.
+    requirements: Mutex<crate::requirements::Active>,
 }
 
 /// The policy lists after merging config and rules (control.md §8.1).
@@ -170,6 +176,9 @@ impl ControlState {
         let (decisions, _) =
             broadcast::channel(config.control.watch_buffer.clamp(1, 1 << 20) as usize);
         Ok(ControlState {
+            local_base: snapshot.clone(),
+            rules: Mutex::new(rules.clone()),
+            requirements: Mutex::new(crate::requirements::Active::default()),
             entries: Mutex::new(merged.entries),
             config_allowed,
             config_denied,
@@ -187,11 +196,13 @@ impl ControlState {
     /// The snapshot a proxy of `session_id` receives now.
     pub fn snapshot_for(&self, session_id: &str) -> v1::PolicySnapshot {
         let mut snap = self.snapshot.lock().map(|s| s.clone()).unwrap_or_default();
+        let active = self.requirements();
         if let Ok(allows) = self.session_allows.lock()
             && let Some(set) = allows.get(session_id)
         {
             snap.session_allows = set
                 .iter()
+                .filter(|(host, _, port)| active.session_allow_permitted(host, *port))
                 .map(|(host, protocol, port)| v1::SessionAllow {
                     host: host.clone(),
                     protocol: protocol.clone(),
@@ -303,16 +314,87 @@ impl ControlState {
     /// New rules file content: recompute the lists, take the next version and push it to every
     /// attached proxy. Returns the new version.
     pub async fn set_rules(&self, rules: &crate::rules::Compiled) -> u64 {
-        let m = merge(&self.config_allowed, &self.config_denied, rules);
-        if let Ok(mut s) = self.snapshot.lock() {
-            s.allowed_domains = m.allowed;
-            s.denied_domains = m.denied;
-            s.port_rules = m.port_rules;
+        if let Ok(mut r) = self.rules.lock() {
+            r.clone_from(rules);
         }
-        if let Ok(mut e) = self.entries.lock() {
-            *e = m.entries;
-        }
+        self.recompute();
         self.bump_and_push(None).await
+    }
+
+    /// Rebuilds the snapshot content (keeping version and issue time) and the entries from
+    /// config, rules and requirements. Returns whether the content changed and the WARNs of
+    /// local settings narrowed by the requirements.
+    fn recompute(&self) -> (bool, Vec<String>) {
+        let rules = self.rules.lock().map(|r| r.clone()).unwrap_or_default();
+        let m = merge(&self.config_allowed, &self.config_denied, &rules);
+        let mut next = self.local_base.clone();
+        next.allowed_domains = m.allowed;
+        next.denied_domains = m.denied;
+        next.port_rules = m.port_rules;
+        let mut entries = m.entries;
+        let active = self.requirements();
+        let warnings = match &active.doc {
+            Some(doc) => crate::requirements::merge::apply(doc, &mut next, &mut entries),
+            None => Vec::new(),
+        };
+        let changed = match self.snapshot.lock() {
+            Ok(mut s) => {
+                next.control_instance_id = s.control_instance_id.clone();
+                next.version = s.version;
+                next.issued_at = s.issued_at;
+                let changed = *s != next;
+                *s = next;
+                changed
+            }
+            Err(_) => false,
+        };
+        if let Ok(mut e) = self.entries.lock() {
+            *e = entries;
+        }
+        (changed, warnings)
+    }
+
+    /// The requirements in force (startup: before the first snapshot is served, so the
+    /// version stays 1). Logs one WARN per narrowed local setting.
+    pub fn init_requirements(&self, active: crate::requirements::Active) {
+        if let Ok(mut r) = self.requirements.lock() {
+            *r = active;
+        }
+        for w in self.recompute().1 {
+            tracing::warn!("{w}");
+        }
+    }
+
+    /// New requirements from a refresh: recompute; if the policy changed, take the next
+    /// version and push it to every proxy (returned).
+    pub async fn set_requirements(&self, active: crate::requirements::Active) -> Option<u64> {
+        if let Ok(mut r) = self.requirements.lock() {
+            *r = active;
+        }
+        let (changed, warnings) = self.recompute();
+        for w in warnings {
+            tracing::warn!("{w}");
+        }
+        if changed {
+            Some(self.bump_and_push(None).await)
+        } else {
+            None
+        }
+    }
+
+    /// Updates only the requirements status (identical document, 304, or a failed refresh).
+    pub fn set_requirements_status(&self, status: v1::RequirementsStatus) {
+        if let Ok(mut r) = self.requirements.lock() {
+            r.status = status;
+        }
+    }
+
+    /// The requirements in force and their status.
+    pub fn requirements(&self) -> crate::requirements::Active {
+        self.requirements
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
     }
 
     /// Current policy version.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use portcullis::config::{Config, ControlEndpoint, Mode};
 use portcullis::decision::{Decision, Verdict};
-use portcullis::policy::{AskMode, CompiledPolicy, PolicySpec};
+use portcullis::policy::CompiledPolicy;
 use portcullis::proto::v1;
 use portcullis::proto::v1::data_plane_client::DataPlaneClient;
 use tokio::sync::{mpsc, oneshot};
@@ -238,22 +238,12 @@ fn apply(shared: &Shared, snap: &v1::PolicySnapshot) -> Result<(), String> {
     if unix_allowed && shared.bound().all().any(|a| !a.ip().is_loopback()) {
         return Err("the snapshot allows unix sockets while a listener is not loopback".into());
     }
-    let lists = portcullis::proto::SnapshotLists::from_snapshot(snap)?;
-    let spec = PolicySpec {
-        enabled: n.enabled,
-        limited: n.mode == Mode::Limited,
-        // Interception is prepared at startup exactly when `network.mitm = true`.
-        mitm: current.config.network.mitm,
-        allow_local_binding: n.allow_local_binding,
-        allowed: lists.allowed,
-        denied: lists.denied,
-        session_allows: lists.session_allows,
-        asks: if snap.asks_enabled {
-            AskMode::Enabled
-        } else {
-            AskMode::Disabled
-        },
-    };
+    // Interception is prepared at startup exactly when `network.mitm = true`.
+    let spec = portcullis::proto::SnapshotLists::policy_spec(
+        snap,
+        n.enabled,
+        current.config.network.mitm,
+    )?;
     let policy =
         CompiledPolicy::compile(&spec).map_err(|(list, i, e)| format!("{list:?}[{i}]: {e}"))?;
     let unix = crate::unix_socket::UnixPolicy {

@@ -112,7 +112,11 @@ pub async fn accept_loop<S, F, R, RF>(
                     _permit: permit,
                     _active: metrics.connection_opened(kind),
                 });
-                tokio::spawn(serve(shared.clone(), stream, peer, guard));
+                let conn = serve(shared.clone(), stream, peer, guard);
+                match crate::telemetry::connection_span(&shared, kind, peer) {
+                    Some(span) => tokio::spawn(tracing::Instrument::instrument(conn, span)),
+                    None => tokio::spawn(conn),
+                };
             }
             Err(_) => {
                 metrics.connection_rejected(kind);

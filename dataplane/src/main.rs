@@ -17,6 +17,7 @@ mod socks5;
 #[cfg(target_os = "linux")]
 mod splice;
 mod state;
+mod telemetry;
 mod tunnel;
 mod tunnel_run;
 mod unix_socket;
@@ -40,7 +41,7 @@ fn main() -> ExitCode {
             return ExitCode::from(e.exit_code() as u8);
         }
     };
-    init_logging(&args.log);
+    let audit_slot = portcullis::telemetry::init_logging(&args.log);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
     if let Some(n) = args.worker_threads {
@@ -53,21 +54,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(run(args))
+    runtime.block_on(run(args, audit_slot))
 }
 
-fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(true)
-        .init();
-}
-
-async fn run(args: cli::Args) -> ExitCode {
+async fn run(args: cli::Args, audit_slot: portcullis::telemetry::AuditSlot) -> ExitCode {
     let overrides = policy_build::overrides_from_args(&args);
     let flag_policy = !args.allow.is_empty() || !args.deny.is_empty() || args.mode.is_some();
     let config = match app::load_config(args.config.as_deref(), &overrides) {
@@ -79,6 +69,14 @@ async fn run(args: cli::Args) -> ExitCode {
     };
     let runtime = match app::build_runtime(config) {
         Ok(r) => r,
+        Err(msg) => {
+            eprintln!("{msg}");
+            return ExitCode::from(2);
+        }
+    };
+    let audit_settings = match portcullis::telemetry::AuditSettings::from_env(&runtime.config.audit)
+    {
+        Ok(s) => s,
         Err(msg) => {
             eprintln!("{msg}");
             return ExitCode::from(2);
@@ -171,6 +169,10 @@ async fn run(args: cli::Args) -> ExitCode {
     let origin = portcullis::decision::Origin {
         proxy_id: policy_build::new_proxy_id().into(),
         session_id: runtime.config.control.session_id.clone().into(),
+    };
+    let audit = match telemetry::start(&audit_settings, &origin, &mut reporter, &audit_slot) {
+        Ok(a) => a,
+        Err(e) => return startup_failure(&e),
     };
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let tls = match policy_build::tls_connector(&runtime.config) {
@@ -298,6 +300,7 @@ async fn run(args: cli::Args) -> ExitCode {
     if let Some(m) = &mitm {
         m.cleanup();
     }
+    telemetry::shutdown(audit).await;
     ExitCode::SUCCESS
 }
 

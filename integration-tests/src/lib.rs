@@ -1,15 +1,20 @@
 //! Test support for black-box tests of the real Portcullis binaries: process spawning, a test
 //! DNS server, loopback origins, and curl / raw-socket clients.
 
+pub mod control;
 pub mod curl;
 pub mod dns;
+pub mod https_backend;
 pub mod origin;
+pub mod otlp;
 pub mod proxy;
 pub mod raw;
 pub mod tls_origin;
 
+pub use control::ControlProcess;
 pub use curl::{CurlResult, curl};
 pub use dns::DnsServer;
+pub use otlp::OtlpReceiver;
 pub use proxy::{ProxyProcess, run_to_exit};
 pub use raw::{RawResponse, raw_request};
 

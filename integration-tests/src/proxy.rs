@@ -124,6 +124,12 @@ fn command(
     ] {
         cmd.env_remove(v);
     }
+    // Audit export is configured per test only.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("OTEL_") {
+            cmd.env_remove(k);
+        }
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }

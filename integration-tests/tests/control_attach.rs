@@ -351,11 +351,11 @@ fn held_curl(
 #[test]
 fn ask_once_shared_by_concurrent_requests_then_allowed() {
     let s = ask_setup(60);
-    let a = held_curl(&s, "twice.test");
-    let b = held_curl(&s, "twice.test");
-    let asks = wait_pending(&s, 2);
+    // 20 concurrent requests to one destination share one pending entry and one answer.
+    let held: Vec<_> = (0..20).map(|_| held_curl(&s, "twice.test")).collect();
+    let asks = wait_pending(&s, 20);
     assert_eq!(asks.len(), 1, "one ask for one destination: {asks:?}");
-    assert_eq!(asks[0].waiters, 2);
+    assert_eq!(asks[0].waiters, 20);
     assert_eq!(
         (asks[0].host.as_str(), asks[0].protocol.as_str()),
         ("twice.test", "http")
@@ -384,8 +384,9 @@ fn ask_once_shared_by_concurrent_requests_then_allowed() {
             .unwrap_err();
         assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{again:?}");
     });
-    assert_eq!(a.join().unwrap().status, 200);
-    assert_eq!(b.join().unwrap().status, 200);
+    for h in held {
+        assert_eq!(h.join().unwrap().status, 200);
+    }
     // The ask Decision is in the blocked log with the id the PendingAsk names.
     let blocked = portcullis_integration_tests::blocked(s.proxy.admin_addr());
     let entries = blocked["blocked"].as_array().unwrap();

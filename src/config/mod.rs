@@ -32,7 +32,7 @@ pub use overrides::ProxyOverrides;
 pub use parse::IntRange;
 pub use validate::{
     MAX_PATTERN_CHARS, MAX_UNIX_PATH_BYTES, check_control_endpoint, check_dns_server,
-    check_pattern, check_session_id, check_unix_path,
+    check_pattern, check_session_id, check_unix_path, check_url,
 };
 
 /// The embedded default configuration: exactly the defaults of the tables (`config.md` §1).
@@ -623,3 +623,22 @@ pub(crate) mod ser {
         s.collect_seq(v.iter().map(|p| p.to_string_lossy()))
     }
 }
+
+/// Variables that name a full trust bundle (env.md §3): `exec` points them at the MITM bundle,
+/// and the sidecar merges the files they named into that bundle.
+pub const CA_BUNDLE_VARS: [&str; 11] = [
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "GIT_SSL_CAINFO",
+    "PIP_CERT",
+    "BUNDLE_SSL_CA_CERT",
+    "npm_config_cafile",
+    "NPM_CONFIG_CAFILE",
+    "AWS_CA_BUNDLE",
+    "CARGO_HTTP_CAINFO",
+    "DENO_CERT",
+];
+
+/// Variables that name the interception CA alone (env.md §3).
+pub const CA_ALONE_VARS: [&str; 2] = ["NODE_EXTRA_CA_CERTS", "PORTCULLIS_CA_CERTIFICATE"];

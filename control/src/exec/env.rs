@@ -66,21 +66,6 @@ const NO_PROXY_VARS: [&str; 5] = [
 /// The one bypass list: loopback only.
 pub const NO_PROXY: &str = "localhost,127.0.0.1,::1";
 
-/// Variables that name the full trust bundle `B` (env.md §3).
-const BUNDLE_VARS: [&str; 11] = [
-    "SSL_CERT_FILE",
-    "REQUESTS_CA_BUNDLE",
-    "CURL_CA_BUNDLE",
-    "GIT_SSL_CAINFO",
-    "PIP_CERT",
-    "BUNDLE_SSL_CA_CERT",
-    "npm_config_cafile",
-    "NPM_CONFIG_CAFILE",
-    "AWS_CA_BUNDLE",
-    "CARGO_HTTP_CAINFO",
-    "DENO_CERT",
-];
-
 /// Marker an exec leaves at the start of its `GIT_SSH_COMMAND` (env.md §4).
 const GIT_SSH_MARKER: &str = "PORTCULLIS_GIT_SSH=1 ";
 
@@ -124,11 +109,12 @@ pub fn child_env(
     if let Some(dir) = &p.mitm_dir {
         let bundle = dir.join("ca-bundle.pem");
         let ca = dir.join("ca.pem");
-        for name in BUNDLE_VARS {
+        for name in portcullis::config::CA_BUNDLE_VARS {
             env.insert(name.into(), bundle.clone().into_os_string());
         }
-        env.insert("NODE_EXTRA_CA_CERTS".into(), ca.clone().into_os_string());
-        env.insert("PORTCULLIS_CA_CERTIFICATE".into(), ca.into_os_string());
+        for name in portcullis::config::CA_ALONE_VARS {
+            env.insert(name.into(), ca.clone().into_os_string());
+        }
     }
     // GIT_SSH_COMMAND through the SOCKS listener, only without SOCKS authentication (§4).
     if let (Some(socks), None) = (p.socks5, &p.socks_auth) {
@@ -232,12 +218,16 @@ mod tests {
         let (env, _) = child_env(Vec::new(), &endpoints());
         for (k, v) in &env {
             let (k, v) = (k.to_str().unwrap(), v.to_str().unwrap());
-            if !k.contains("PROXY") || k.contains("NO_PROXY") || k.contains("noproxy") {
+            let upper = k.to_ascii_uppercase();
+            if !upper.contains("PROXY") || upper.contains("NO_PROXY") || upper.contains("NOPROXY") {
                 continue;
             }
             if ALL_VARS.contains(&k) {
                 assert_eq!(v, "socks5h://127.0.0.1:5000", "{k}");
-            } else if k != "NODE_USE_ENV_PROXY" && k != "ELECTRON_GET_USE_PROXY" {
+            } else if upper.ends_with("_PROXY")
+                && k != "NODE_USE_ENV_PROXY"
+                && k != "ELECTRON_GET_USE_PROXY"
+            {
                 assert_eq!(v, "http://127.0.0.1:4000", "{k}");
             }
         }
@@ -308,7 +298,7 @@ mod tests {
         let mut p = endpoints();
         p.mitm_dir = Some("/run/x/mitm".into());
         let (env, _) = child_env(inherited(&[("SSL_CERT_FILE", "/etc/x.pem")]), &p);
-        for k in BUNDLE_VARS {
+        for k in portcullis::config::CA_BUNDLE_VARS {
             assert_eq!(get(&env, k), Some("/run/x/mitm/ca-bundle.pem"), "{k}");
         }
         assert_eq!(get(&env, "NODE_EXTRA_CA_CERTS"), Some("/run/x/mitm/ca.pem"));

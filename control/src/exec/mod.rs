@@ -51,7 +51,9 @@ async fn exec(args: ExecArgs, log: &str) -> Result<u8, Failure> {
             message: "usage error: exec needs a COMMAND after --".into(),
         });
     }
-    let server::Loaded { config, services } = server::load(&args.policy)?;
+    let server::Loaded { config, services } = server::load(&args.policy).await?;
+    let audit = crate::audit::start(&config, &services.state.instance_id)
+        .map_err(|message| Failure { code: 2, message })?;
     let session = match &args.session_id {
         Some(s) => s.clone(),
         None => format!(
@@ -183,6 +185,7 @@ async fn exec(args: ExecArgs, log: &str) -> Result<u8, Failure> {
     services.approvals.shutdown().await;
     sidecar.stop(grace).await;
     running.shutdown(&services).await;
+    crate::audit::shutdown(audit).await;
     drop(dir);
     for line in collector.finish().await.lines() {
         eprintln!("{line}");

@@ -55,17 +55,6 @@ fn actor() -> String {
     format!("tty:{login}")
 }
 
-/// Outcome names as shown to the user (`allow_session`, `deny_once`, …).
-fn outcome_name(o: i32) -> String {
-    v1::Outcome::try_from(o)
-        .map(|o| {
-            o.as_str_name()
-                .trim_start_matches("OUTCOME_")
-                .to_ascii_lowercase()
-        })
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 /// Terminal input, read on a plain thread (blocking reads) and handed over line by line;
 /// `None` is end of file.
 fn tty_lines() -> Option<(mpsc::Receiver<Option<String>>, std::fs::File)> {
@@ -148,7 +137,7 @@ pub async fn run(services: Services, session: String, program: String, interacti
                         let id = r.ask.map(|a| a.id).unwrap_or_default();
                         gone(&mut queue, &mut shown, &mut tty, &id, &format!(
                             "was resolved elsewhere ({})",
-                            outcome_name(r.outcome)
+                            portcullis::proto::outcome_label(r.outcome)
                         ));
                     }
                     Some(Event::Expired(x)) => {

@@ -1,5 +1,5 @@
 //! Persisted `network_rule(...)` lines (`network-rules.md`): parsing, host rules, compilation
-//! and loading. Writing (append/remove under a lock, atomic replace) is the next step.
+//! loading, and writing (append/remove under a lock, atomic replace: [`store`]).
 
 pub mod compile;
 pub mod host;
@@ -10,8 +10,10 @@ pub use compile::{Compiled, compile};
 pub use parse::{Rule, parse_file};
 
 /// Loads the rules file at `serve` start: missing → empty; unreadable → `Err((1, message))`;
-/// a parse error → `Err((2, PATH:LINE:COLUMN: MESSAGE))`.
+/// a parse error → `Err((2, PATH:LINE:COLUMN: MESSAGE))`. Temp files left by a crashed writer
+/// more than an hour ago are deleted first (they never affect the rules).
 pub fn load(path: &std::path::Path) -> Result<Vec<Rule>, (u8, String)> {
+    store::remove_stale_temps(path);
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),

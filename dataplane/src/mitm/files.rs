@@ -7,23 +7,6 @@ use std::path::{Path, PathBuf};
 
 use super::ca::write_atomic;
 
-/// The CA variables of `env.md` §3 whose files are merged into the bundle.
-pub const CA_VARIABLES: &[&str] = &[
-    "SSL_CERT_FILE",
-    "REQUESTS_CA_BUNDLE",
-    "CURL_CA_BUNDLE",
-    "GIT_SSL_CAINFO",
-    "PIP_CERT",
-    "BUNDLE_SSL_CA_CERT",
-    "npm_config_cafile",
-    "NPM_CONFIG_CAFILE",
-    "AWS_CA_BUNDLE",
-    "CARGO_HTTP_CAINFO",
-    "DENO_CERT",
-    "NODE_EXTRA_CA_CERTS",
-    "PORTCULLIS_CA_CERTIFICATE",
-];
-
 /// Where the system's trusted roots usually live (the first readable one is used).
 const SYSTEM_BUNDLES: &[&str] = &[
     "/etc/ssl/certs/ca-certificates.crt",
@@ -154,7 +137,10 @@ fn bundle(ca_pem: &str, env: &dyn Fn(&str) -> Option<String>) -> String {
             "no system CA bundle found; ca-bundle.pem holds only inherited and interception CAs"
         );
     }
-    for var in CA_VARIABLES {
+    let vars = portcullis::config::CA_BUNDLE_VARS
+        .iter()
+        .chain(portcullis::config::CA_ALONE_VARS.iter());
+    for var in vars {
         let Some(path) = env(var).filter(|v| !v.is_empty()) else {
             continue;
         };

@@ -5,6 +5,7 @@
 // Removed once the module is wired into the data plane (some items are not yet used).
 #![allow(dead_code)]
 
+pub mod audit;
 pub mod blocked_log;
 pub mod metrics;
 

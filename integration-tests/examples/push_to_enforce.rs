@@ -1,0 +1,342 @@
+//! Benchmark (control.md test 24, not a test): push-to-enforce time and Decision-event
+//! throughput with the real release binaries.
+//!
+//! `cargo run --release -p portcullis-integration-tests --example push_to_enforce [-- ROUNDS]`
+//!
+//! One `portcullis-control serve` (approvals off, so a miss is an immediate 403) and 1, 10 and
+//! 100 attached `portcullis-proxy` processes (one worker thread each). Each round adds
+//! `network_rule(host="rN-K.bench", protocol="http", decision="allow")` with `AddRule` and
+//! measures, from just before the RPC, the time until every proxy has answered a raw
+//! `GET http://rN-K.bench:PORT/` with 200 from the loopback origin (names resolve through the
+//! test DNS server; each proxy is polled from its own task, 1 ms between attempts, starting when
+//! `AddRule` returns). Prints p50 / p99 / max of that "all proxies allow" time, of the
+//! `AddRule` RPC alone (lock, read, parse, write, two fsyncs, push) and of the part after the
+//! RPC returned. Then, with the 100 proxies, 64 client tasks send requests to a host
+//! with no rule for a few seconds while one `WatchDecisions` stream counts the deny events it
+//! receives; prints events/s and any `lagged` (counted, dropped) events.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use portcullis::proto::v1;
+use portcullis_integration_tests::control::ControlSpec;
+use portcullis_integration_tests::proxy::workspace_root;
+use portcullis_integration_tests::{ControlProcess, DnsServer, origin::http_echo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const COUNTS: [usize; 3] = [1, 10, 100];
+
+struct Proxy {
+    child: Child,
+    http: String,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn release_bins() -> (std::path::PathBuf, std::path::PathBuf) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let ok = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "portcullis-dataplane",
+            "-p",
+            "portcullis-control",
+        ])
+        .current_dir(workspace_root())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "cargo build --release of the binaries failed");
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+        .join("release");
+    (dir.join("portcullis-proxy"), dir.join("portcullis-control"))
+}
+
+fn start_proxy(bin: &std::path::Path, control: &ControlProcess, config: &std::path::Path) -> Proxy {
+    use std::io::BufRead;
+    let mut child = Command::new(bin)
+        .args([
+            "--http",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--socks5",
+            "127.0.0.1:0",
+            "--worker-threads",
+            "1",
+            "--log",
+            "warn",
+        ])
+        .arg("--config")
+        .arg(config)
+        .arg("--control")
+        .arg(control.url())
+        .arg("--control-token-file")
+        .arg(&control.token_file)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn portcullis-proxy");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        text
+    });
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let Some(Ok(line)) = lines.next() else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "proxy printed no ready line: {}",
+            errors.join().unwrap_or_default()
+        );
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let ready: serde_json::Value = serde_json::from_str(&line).expect("ready JSON");
+    let http = ready["http"].as_str().expect("http address").to_string();
+    Proxy { child, http }
+}
+
+/// One request through the proxy; the response's status (0 on a connection error).
+async fn status_of(proxy: &str, host: &str, port: u16) -> u16 {
+    let Ok(mut s) = tokio::net::TcpStream::connect(proxy).await else {
+        return 0;
+    };
+    let req = format!(
+        "GET http://{host}:{port}/ HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
+    );
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return 0;
+    }
+    let mut buf = Vec::with_capacity(64);
+    let mut chunk = [0u8; 256];
+    while !buf.windows(2).any(|w| w == b"\r\n") {
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return 0,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    String::from_utf8_lossy(&buf)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+async fn wait_in_sync(c: &ControlProcess, n: usize) {
+    let mut client = c.client().await;
+    for _ in 0..600 {
+        let proxies = client
+            .list_proxies(v1::ListProxiesRequest {})
+            .await
+            .expect("ListProxies")
+            .into_inner()
+            .proxies;
+        if proxies.len() == n && proxies.iter().all(|p| p.in_sync) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{n} proxies never attached and in sync");
+}
+
+fn main() {
+    let rounds: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(20);
+    let (proxy_bin, control_bin) = release_bins();
+    let origin = http_echo("127.0.0.1");
+    let port = origin.port();
+    let dns = DnsServer::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let rules = tmp.path().join("portcullis.rules");
+    let control = ControlProcess::start_spec(ControlSpec {
+        bin: control_bin,
+        dir: tmp.path(),
+        rules: &rules,
+        config: "[network]\nallow_local_binding = true\n[approvals]\nenabled = false\n",
+        env: &[("PORTCULLIS_LOG", "warn")],
+    });
+    let proxy_config = tmp.path().join("proxy.toml");
+    std::fs::write(
+        &proxy_config,
+        format!("[network]\ndns_servers = [\"{}\"]\n", dns.addr_string()),
+    )
+    .expect("proxy config");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut proxies: Vec<Proxy> = Vec::new();
+    println!("push-to-enforce: AddRule → every proxy answers 200, {rounds} rounds");
+    println!(
+        "| proxies | all allow p50 | p99 | max | AddRule RPC p50 | p99 | after the RPC p50 | p99 |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for n in COUNTS {
+        while proxies.len() < n {
+            proxies.push(start_proxy(&proxy_bin, &control, &proxy_config));
+        }
+        rt.block_on(wait_in_sync(&control, n));
+        let addrs: Arc<Vec<String>> = Arc::new(proxies.iter().map(|p| p.http.clone()).collect());
+        let mut all = Vec::new();
+        let mut rpc = Vec::new();
+        let mut push = Vec::new();
+        for k in 0..rounds {
+            let host = format!("r{n}-{k}.bench");
+            dns.set(&host, &["127.0.0.1".parse().expect("ip")]);
+            let (total, call) = rt.block_on(async {
+                let mut client = control.client().await;
+                let t0 = Instant::now();
+                client
+                    .add_rule(v1::AddRuleRequest {
+                        host: host.clone(),
+                        protocol: "http".into(),
+                        decision: "allow".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("AddRule");
+                let call = t0.elapsed();
+                let mut tasks = Vec::new();
+                for a in addrs.iter() {
+                    let (a, host) = (a.clone(), host.clone());
+                    tasks.push(tokio::spawn(async move {
+                        for _ in 0..10_000 {
+                            if status_of(&a, &host, port).await == 200 {
+                                return t0.elapsed();
+                            }
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                        panic!("proxy {a} never allowed {host}");
+                    }));
+                }
+                let mut last = Duration::ZERO;
+                for t in tasks {
+                    last = last.max(t.await.expect("poller"));
+                }
+                (last, call)
+            });
+            all.push(total);
+            rpc.push(call);
+            push.push(total.saturating_sub(call));
+        }
+        all.sort();
+        rpc.sort();
+        push.sort();
+        println!(
+            "| {n} | {} | {} | {} | {} | {} | {} | {} |",
+            ms(pct(&all, 0.5)),
+            ms(pct(&all, 0.99)),
+            ms(*all.last().expect("rounds")),
+            ms(pct(&rpc, 0.5)),
+            ms(pct(&rpc, 0.99)),
+            ms(pct(&push, 0.5)),
+            ms(pct(&push, 0.99)),
+        );
+    }
+
+    // Decision-event throughput over WatchDecisions while every proxy answers denies.
+    let secs = 5;
+    let denied = "nobody.bench";
+    dns.set(denied, &["127.0.0.1".parse().expect("ip")]);
+    let addrs: Arc<Vec<String>> = Arc::new(proxies.iter().map(|p| p.http.clone()).collect());
+    rt.block_on(async {
+        let mut client = control.client().await;
+        let mut stream = client
+            .watch_decisions(v1::WatchDecisionsRequest::default())
+            .await
+            .expect("WatchDecisions")
+            .into_inner();
+        let received = Arc::new(AtomicU64::new(0));
+        let lagged = Arc::new(AtomicU64::new(0));
+        let (r, l) = (received.clone(), lagged.clone());
+        let watcher = tokio::spawn(async move {
+            while let Ok(Some(e)) = stream.message().await {
+                match e.event {
+                    Some(v1::decision_event::Event::Decision(_)) => {
+                        r.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(v1::decision_event::Event::Lagged(x)) => {
+                        l.fetch_add(x.missed, Ordering::Relaxed);
+                    }
+                    None => {}
+                }
+            }
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let mut gens = Vec::new();
+        for g in 0..64usize {
+            let (addrs, stop, sent) = (addrs.clone(), stop.clone(), sent.clone());
+            gens.push(tokio::spawn(async move {
+                let mut i = g;
+                while !stop.load(Ordering::Relaxed) {
+                    if status_of(&addrs[i % addrs.len()], denied, port).await == 403 {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    i += 64;
+                }
+            }));
+        }
+        let t0 = Instant::now();
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        stop.store(true, Ordering::Relaxed);
+        for g in gens {
+            let _ = g.await;
+        }
+        let elapsed = t0.elapsed();
+        // Let the last reports arrive.
+        let mut last = u64::MAX;
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = received.load(Ordering::Relaxed);
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        watcher.abort();
+        let (s, r, l) = (
+            sent.load(Ordering::Relaxed),
+            received.load(Ordering::Relaxed),
+            lagged.load(Ordering::Relaxed),
+        );
+        println!();
+        println!(
+            "decision events: {} proxies, 64 client tasks, {:.1} s: {s} denied requests, {r} deny events received ({:.0} events/s), {l} reported lagged, {} unaccounted",
+            addrs.len(),
+            elapsed.as_secs_f64(),
+            r as f64 / elapsed.as_secs_f64(),
+            s.saturating_sub(r + l)
+        );
+    });
+    drop(proxies);
+    drop(control);
+    drop(origin);
+}

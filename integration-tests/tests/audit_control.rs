@@ -1,0 +1,311 @@
+//! audit.md §2 (asks) and §3 (`portcullis.approval`): a proxy attached to a control plane, both
+//! exporting to one in-process OTLP receiver.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use portcullis::proto::v1;
+use portcullis::proto::v1::control_client::ControlClient;
+use portcullis_integration_tests::origin::{http_echo, runtime};
+use portcullis_integration_tests::otlp::{OtlpReceiver, Record, Val};
+use portcullis_integration_tests::proxy::control_bin;
+use portcullis_integration_tests::{DnsServer, ProxyProcess, curl};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Control {
+    child: Child,
+    grpc: String,
+    token: String,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_control(config: &str) -> Control {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("control.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let token_file = dir.path().join("control.token");
+    let mut child = Command::new(control_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&cfg)
+        .arg("--rules")
+        .arg(dir.path().join("portcullis.rules"))
+        .arg("--token-file")
+        .arg(&token_file)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn portcullis-control");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(l)) = lines.next() {
+            let _ = tx.send(l);
+        }
+        for _ in lines {}
+    });
+    let line = rx.recv_timeout(WAIT).expect("control ready line");
+    let ready: serde_json::Value = serde_json::from_str(&line).expect("ready line JSON");
+    let grpc = ready["grpc"].as_str().unwrap().to_string();
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    Control {
+        child,
+        grpc,
+        token,
+        dir,
+    }
+}
+
+async fn client(
+    c: &Control,
+) -> ControlClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        impl tonic::service::Interceptor,
+    >,
+> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", c.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to control");
+    let value: tonic::metadata::MetadataValue<_> = format!("Bearer {}", c.token).parse().unwrap();
+    ControlClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", value.clone());
+        Ok(req)
+    })
+}
+
+fn pending(c: &Control, n: usize) -> Vec<v1::PendingAsk> {
+    for _ in 0..400 {
+        let asks = runtime().block_on(async {
+            let mut cl = client(c).await;
+            cl.list_pending(v1::ListPendingRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .asks
+        });
+        if asks.iter().map(|a| a.waiters as usize).sum::<usize>() >= n {
+            return asks;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("no pending ask with {n} waiters");
+}
+
+fn s(v: &str) -> Val {
+    Val::Str(v.to_string())
+}
+
+fn approval_for(recv: &OtlpReceiver, ask_id: &str) -> Record {
+    recv.wait_for(WAIT, |r| {
+        r.event_name == "portcullis.approval" && r.s("portcullis.ask.id") == Some(ask_id)
+    })
+    .unwrap_or_else(|| panic!("no approval record for {ask_id}: {:?}", recv.records()))
+}
+
+#[test]
+fn ask_then_override_allow_produce_two_events_and_approval_records() {
+    let recv = OtlpReceiver::grpc();
+    let audit = format!(
+        "[audit]\nendpoint = \"{}\"\nscheduled_delay_ms = 100\n",
+        recv.endpoint()
+    );
+    let origin = http_echo("127.0.0.1");
+    let dns = DnsServer::start();
+    for name in ["app.test", "late.test"] {
+        dns.set(name, &["127.0.0.1".parse().unwrap()]);
+    }
+    let control = start_control(&format!(
+        "[network]\nallow_local_binding = true\n[approvals]\nask_timeout_secs = 2\n{audit}"
+    ));
+    let token_file = control.dir.path().join("control.token");
+    let proxy = ProxyProcess::start(
+        &[
+            "--control",
+            &format!("http://{}", control.grpc),
+            "--control-token-file",
+            token_file.to_str().unwrap(),
+        ],
+        Some(&format!(
+            "[network]\ndns_servers = [\"{}\"]\n{audit}",
+            dns.addr_string()
+        )),
+    );
+    // 1. Held request, approved once.
+    let px = proxy.http_url();
+    let url = format!("http://app.test:{}/", origin.port());
+    let held = std::thread::spawn(move || curl(&["-x", &px, &url]));
+    let asks = pending(&control, 1);
+    let ask = asks[0].clone();
+    runtime().block_on(async {
+        let mut c = client(&control).await;
+        c.approve(v1::ApproveRequest {
+            pending_id: ask.id.clone(),
+            scope: v1::ApprovalScope::Once as i32,
+            justification: Some("needed for the build".into()),
+            ..Default::default()
+        })
+        .await
+        .expect("Approve");
+    });
+    assert_eq!(held.join().unwrap().status, 200);
+
+    // Data plane: the `ask`, then the final allow carrying the ask id.
+    let first = recv
+        .wait_for_decision(&ask.decision_id, WAIT)
+        .expect("ask record");
+    assert_eq!(first.attrs["network.policy.decision"], s("ask"));
+    assert_eq!(first.attrs["network.policy.scope"], s("domain"));
+    assert!(!first.attrs.contains_key("portcullis.ask.id"));
+    let second = recv
+        .wait_for(WAIT, |r| {
+            r.event_name == "portcullis.policy_decision"
+                && r.s("portcullis.ask.id") == Some(ask.id.as_str())
+        })
+        .expect("final record");
+    assert_eq!(second.attrs["network.policy.decision"], s("allow"));
+    assert_eq!(second.attrs["network.policy.override"], Val::Bool(true));
+    assert_eq!(second.attrs["network.policy.source"], s("decider"));
+    assert_eq!(second.attrs["network.policy.reason"], s("not_allowed"));
+    assert_ne!(
+        second.s("portcullis.decision.id"),
+        first.s("portcullis.decision.id")
+    );
+
+    // Control plane: one approval record.
+    let a = approval_for(&recv, &ask.id);
+    assert_eq!(a.resource["service.name"], s("portcullis-control"));
+    assert_eq!(a.severity_number, 9);
+    assert_eq!(a.attrs["event.name"], s("portcullis.approval"));
+    assert_eq!(a.attrs["portcullis.approval.outcome"], s("allow_once"));
+    assert_eq!(a.attrs["portcullis.approval.scope"], s("once"));
+    assert_eq!(a.attrs["portcullis.approval.waiters"], Val::Int(1));
+    assert_eq!(a.attrs["portcullis.rule.persisted"], Val::Bool(false));
+    assert_eq!(a.attrs["portcullis.decision.id"], s(&ask.decision_id));
+    assert_eq!(a.attrs["server.address"], s("app.test"));
+    assert_eq!(a.attrs["server.port"], Val::Int(i64::from(origin.port())));
+    assert_eq!(a.attrs["network.transport.protocol"], s("http"));
+    assert!(matches!(a.attrs["portcullis.approval.wait_ms"], Val::Int(ms) if ms >= 0));
+    assert_eq!(a.attrs["portcullis.approval.actor"], s("api"));
+    assert_eq!(a.attrs["client.address"], s("127.0.0.1"));
+    assert_eq!(
+        a.attrs["portcullis.approval.justification"],
+        s("needed for the build")
+    );
+    assert!(
+        a.body
+            .starts_with(&format!("allow_once app.test:{} (http) by ", origin.port()))
+    );
+
+    // 2. Nobody answers: expired, by system.
+    let px = proxy.http_url();
+    let url = format!("http://late.test:{}/", origin.port());
+    let held = std::thread::spawn(move || curl(&["-x", &px, &url]));
+    let asks = pending(&control, 1);
+    let late = asks
+        .iter()
+        .find(|a| a.host == "late.test")
+        .expect("late ask")
+        .clone();
+    assert_eq!(held.join().unwrap().status, 403);
+    let e = approval_for(&recv, &late.id);
+    assert_eq!(e.attrs["portcullis.approval.outcome"], s("expired"));
+    assert_eq!(e.attrs["portcullis.approval.scope"], s("none"));
+    assert_eq!(e.attrs["portcullis.approval.actor"], s("system"));
+    assert_eq!(e.attrs["client.address"], s("unknown"));
+    assert!(!e.attrs.contains_key("portcullis.approval.justification"));
+
+    // GetStatus counts the control plane's records: two emitted, both exported.
+    let mut status = v1::ControlStatus::default();
+    for _ in 0..200 {
+        status = runtime().block_on(async {
+            let mut c = client(&control).await;
+            c.get_status(v1::GetStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+        });
+        if status.audit_events_exported == 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        (
+            status.audit_events_total,
+            status.audit_events_exported,
+            status.audit_events_dropped
+        ),
+        (2, 2, 0)
+    );
+}
+
+#[test]
+fn decision_id_is_the_same_on_every_surface() {
+    let recv = OtlpReceiver::grpc();
+    let control = start_control("[approvals]\nenabled = false\n");
+    let token_file = control.dir.path().join("control.token");
+    let proxy = ProxyProcess::start(
+        &[
+            "--control",
+            &format!("http://{}", control.grpc),
+            "--control-token-file",
+            token_file.to_str().unwrap(),
+        ],
+        Some(&format!(
+            "[audit]\nendpoint = \"{}\"\nscheduled_delay_ms = 100\n",
+            recv.endpoint()
+        )),
+    );
+    let mut watch = runtime().block_on(async {
+        let mut c = client(&control).await;
+        c.watch_decisions(v1::WatchDecisionsRequest::default())
+            .await
+            .expect("WatchDecisions")
+            .into_inner()
+    });
+    let r = curl(&["-x", &proxy.http_url(), "http://nowhere.test/"]);
+    assert_eq!(r.status, 403);
+    let id = r.header("x-portcullis-decision-id").unwrap().to_string();
+    // HTTP body line 1.
+    let text = r.text();
+    let line1 = text
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("PORTCULLIS_POLICY_DECISION "))
+        .unwrap_or_else(|| panic!("line 1: {text}"));
+    let line1: serde_json::Value = serde_json::from_str(line1).unwrap();
+    assert_eq!(line1["id"], serde_json::json!(id));
+    // WatchDecisions.
+    let event = runtime()
+        .block_on(async { tokio::time::timeout(WAIT, watch.message()).await })
+        .expect("a Decision event in time")
+        .expect("stream ok")
+        .expect("an event");
+    let Some(v1::decision_event::Event::Decision(d)) = event.event else {
+        panic!("expected a Decision, got {event:?}")
+    };
+    assert_eq!(d.id, id);
+    // Blocked log.
+    let b = portcullis_integration_tests::blocked(proxy.admin_addr());
+    assert_eq!(b["blocked"][0]["id"], serde_json::json!(id));
+    // Audit record.
+    let rec = recv.wait_for_decision(&id, WAIT).expect("audit record");
+    assert_eq!(rec.attrs["network.policy.reason"], s("not_allowed"));
+    assert_eq!(rec.s("portcullis.proxy.id"), Some(d.proxy_id.as_str()));
+}
