@@ -7,7 +7,7 @@ mod client;
 mod exec;
 mod reevaluate;
 mod requirements;
-mod rules;
+use portcullis_control::rules;
 mod serve;
 mod server;
 mod service;

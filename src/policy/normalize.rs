@@ -59,7 +59,7 @@ impl fmt::Display for Host {
             Host::Ip {
                 addr,
                 zone: Some(z),
-            } => write!(f, "{addr}%{z}"),
+            } => write!(f, "{addr}%{}", zone_text(z)),
         }
     }
 }
@@ -286,6 +286,18 @@ fn parse_ipv6_host(text: &str) -> Result<Host, HostError> {
     })
 }
 
+/// How a zone is written after `%` so that it reads back as itself: `%25…` is read as the
+/// encoded `%`, so a zone that itself begins with `25` (and is longer) is written `%25` + zone.
+/// Found by the `policy_decision` fuzz target: `fe80::1%2525eth0` (zone `25eth0`) was shown as
+/// `fe80::1%25eth0`, which reads back as zone `eth0`.
+pub fn zone_text(z: &str) -> std::borrow::Cow<'_, str> {
+    if z.len() > 2 && z.starts_with("25") {
+        format!("25{z}").into()
+    } else {
+        z.into()
+    }
+}
+
 /// Zone: `[A-Za-z0-9._-]{1,64}`.
 pub(crate) fn valid_zone(z: &str) -> bool {
     !z.is_empty()
@@ -358,6 +370,31 @@ mod tests {
         for s in ["1e3.example", "xn--bcher-kva.de", "_acme.example.com"] {
             assert_eq!(norm(s).as_deref(), Some(s));
         }
+    }
+
+    #[test]
+    fn zones_starting_with_25_read_back_as_themselves() {
+        // Regression (fuzz `policy_decision`): the shown host must normalise to itself.
+        for (raw, zone) in [
+            ("[fe80::1%2525eth0]", "25eth0"),
+            ("fe80::1%252525", "2525"),
+            ("fe80::1%25", "25"),
+            ("fe80::1%2525", "25"),
+            ("[fe80::1%25eth0]", "eth0"),
+        ] {
+            let host = normalize_host(raw).unwrap();
+            assert!(
+                matches!(&host, Host::Ip { zone: Some(z), .. } if &**z == zone),
+                "{raw}"
+            );
+            assert_eq!(normalize_host(&host.to_string()), Ok(host.clone()), "{raw}");
+            assert_eq!(normalize_host(&format!("[{host}]")), Ok(host), "{raw}");
+        }
+        assert_eq!(
+            norm("[fe80::1%2525eth0]").as_deref(),
+            Some("fe80::1%2525eth0")
+        );
+        assert_eq!(norm("[fe80::1%25eth0]").as_deref(), Some("fe80::1%eth0"));
     }
 
     #[test]

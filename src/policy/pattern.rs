@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use super::normalize::{check_name, is_numeric_label, valid_zone};
+use super::normalize::{check_name, is_numeric_label, valid_zone, zone_text};
 
 /// Which list an entry belongs to (the global wildcard is allowlist-only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -363,7 +363,10 @@ fn finish(host: HostPattern, port: Option<u16>) -> Pattern {
             addr: IpAddr::V6(v6),
             zone,
         } => {
-            let z = zone.as_ref().map(|z| format!("%{z}")).unwrap_or_default();
+            let z = zone
+                .as_ref()
+                .map(|z| format!("%{}", zone_text(z)))
+                .unwrap_or_default();
             if port.is_some() {
                 format!("[{v6}{z}]")
             } else {
@@ -413,6 +416,27 @@ mod tests {
         parse_pattern(s, ListKind::Allow)
             .unwrap_or_else(|e| panic!("{s}: {e}"))
             .text
+    }
+
+    #[test]
+    fn zone_entries_starting_with_25_reparse_to_themselves() {
+        // Regression (fuzz `policy_decision`): the normalised text is itself a valid spelling
+        // of the same entry.
+        for raw in [
+            "fe80::1%2525eth0",
+            "[fe80::1%2525eth0]:22",
+            "fe80::1%25",
+            "fe80::1%25eth0",
+        ] {
+            let p = parse_pattern(raw, ListKind::Allow).unwrap();
+            assert_eq!(
+                parse_pattern(&p.text, ListKind::Allow),
+                Ok(p.clone()),
+                "{raw}"
+            );
+        }
+        assert_eq!(ok("fe80::1%2525eth0"), "fe80::1%2525eth0");
+        assert_eq!(ok("[fe80::1%25eth0]:22"), "[fe80::1%eth0]:22");
     }
 
     #[test]

@@ -40,7 +40,9 @@ fn ipv6(text: &str) -> Result<String, &'static str> {
         };
     }
     Ok(match zone {
-        Some(z) => format!("{v6}%{z}"),
+        // Spelled as the policy normaliser prints it (a zone beginning with `25` keeps a `%25`
+        // in front, so the stored text reads back as the same zone).
+        Some(z) => format!("{v6}%{}", portcullis::policy::normalize::zone_text(z)),
         None => v6.to_string(),
     })
 }
@@ -200,6 +202,24 @@ mod tests {
             "2130706433",
         ] {
             assert!(parse_host(bad).is_err(), "{bad:?} must be rejected");
+        }
+    }
+
+    #[test]
+    fn zones_beginning_with_25_are_stored_as_the_normaliser_prints_them() {
+        // Regression (fuzz `network_rules`): `fe80::1%2525eth0` (zone `25eth0`) was stored as
+        // `fe80::1%25eth0`, which reads back as zone `eth0`.
+        for (raw, stored) in [
+            ("[fe80::1%2525eth0]", "fe80::1%2525eth0"),
+            ("fe80::1%2525eth0", "fe80::1%2525eth0"),
+            ("fe80::1%25eth0", "fe80::1%eth0"),
+            ("fe80::1%25", "fe80::1%25"),
+        ] {
+            let h = parse_host(raw).unwrap();
+            assert_eq!(h.host, stored, "{raw}");
+            assert_eq!(parse_host(&h.host).unwrap().host, stored, "{raw} again");
+            let norm = portcullis::policy::normalize_host(raw).unwrap().to_string();
+            assert_eq!(norm, stored, "{raw}: the policy normaliser agrees");
         }
     }
 }

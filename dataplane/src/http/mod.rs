@@ -4,7 +4,7 @@ mod connect;
 pub mod forward;
 pub mod headers;
 pub mod respond;
-pub mod target;
+pub use portcullis_dataplane::http_target as target;
 pub mod timed_io;
 mod upstream;
 

@@ -7,9 +7,9 @@ use fast_socks5::server::{NoAuthentication, Socks5ServerProtocol, SocksServerErr
 use fast_socks5::util::target_addr::TargetAddr;
 use fast_socks5::{ReplyError, Socks5Command};
 use portcullis::decision::{Protocol, ResolveFailure};
-use portcullis::policy::{Host, normalize_host};
 use tokio::net::TcpStream;
 
+use super::wire::destination;
 use crate::dial;
 use crate::pipeline::{self, Outcome};
 use crate::state::Shared;
@@ -80,32 +80,6 @@ pub async fn serve_connection(
             let _ = proto.reply_error(&ReplyError::CommandNotSupported).await;
         }
     }
-}
-
-/// The destination of a SOCKS5 request as policy sees it.
-fn destination(target: &TargetAddr) -> Option<(Host, u16)> {
-    let (host, port) = match target {
-        TargetAddr::Ip(sa) => (
-            normalize_host(&ip_text(crate::resolve::canonical(sa.ip()))).ok()?,
-            sa.port(),
-        ),
-        TargetAddr::Domain(name, port) => {
-            // A bracketed or bare IPv6 text is an IP literal too; a `:port` suffix is invalid.
-            let text = name
-                .strip_prefix('[')
-                .and_then(|n| n.strip_suffix(']'))
-                .unwrap_or(name);
-            if text.contains(':') && text.parse::<std::net::Ipv6Addr>().is_err() {
-                return None;
-            }
-            (normalize_host(text).ok()?, *port)
-        }
-    };
-    (port != 0).then_some((host, port))
-}
-
-fn ip_text(ip: IpAddr) -> String {
-    ip.to_string()
 }
 
 async fn connect(
