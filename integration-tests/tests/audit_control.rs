@@ -1,98 +1,28 @@
 //! audit.md §2 (asks) and §3 (`portcullis.approval`): a proxy attached to a control plane, both
 //! exporting to one in-process OTLP receiver.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use portcullis::proto::v1;
-use portcullis::proto::v1::control_client::ControlClient;
+use portcullis_integration_tests::control::ControlProcess;
 use portcullis_integration_tests::origin::{http_echo, runtime};
 use portcullis_integration_tests::otlp::{OtlpReceiver, Record, Val};
-use portcullis_integration_tests::proxy::control_bin;
 use portcullis_integration_tests::{DnsServer, ProxyProcess, curl};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-struct Control {
-    child: Child,
-    grpc: String,
-    token: String,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Control {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_control(config: &str) -> Control {
+/// A control plane in its own state directory (kept alive with it).
+fn start_control(config: &str) -> (tempfile::TempDir, ControlProcess) {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("control.toml");
-    std::fs::write(&cfg, config).unwrap();
-    let token_file = dir.path().join("control.token");
-    let mut child = Command::new(control_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&cfg)
-        .arg("--rules")
-        .arg(dir.path().join("portcullis.rules"))
-        .arg("--token-file")
-        .arg(&token_file)
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn portcullis-control");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        if let Some(Ok(l)) = lines.next() {
-            let _ = tx.send(l);
-        }
-        for _ in lines {}
-    });
-    let line = rx.recv_timeout(WAIT).expect("control ready line");
-    let ready: serde_json::Value = serde_json::from_str(&line).expect("ready line JSON");
-    let grpc = ready["grpc"].as_str().unwrap().to_string();
-    let token = std::fs::read_to_string(&token_file)
-        .unwrap()
-        .trim()
-        .to_string();
-    Control {
-        child,
-        grpc,
-        token,
-        dir,
-    }
+    let rules = dir.path().join("portcullis.rules");
+    let control = ControlProcess::start(dir.path(), &rules, config);
+    (dir, control)
 }
 
-async fn client(
-    c: &Control,
-) -> ControlClient<
-    tonic::service::interceptor::InterceptedService<
-        tonic::transport::Channel,
-        impl tonic::service::Interceptor,
-    >,
-> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", c.grpc))
-        .unwrap()
-        .connect()
-        .await
-        .expect("connect to control");
-    let value: tonic::metadata::MetadataValue<_> = format!("Bearer {}", c.token).parse().unwrap();
-    ControlClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-        req.metadata_mut().insert("authorization", value.clone());
-        Ok(req)
-    })
-}
-
-fn pending(c: &Control, n: usize) -> Vec<v1::PendingAsk> {
+fn pending(c: &ControlProcess, n: usize) -> Vec<v1::PendingAsk> {
     for _ in 0..400 {
         let asks = runtime().block_on(async {
-            let mut cl = client(c).await;
+            let mut cl = c.client().await;
             cl.list_pending(v1::ListPendingRequest::default())
                 .await
                 .unwrap()
@@ -130,10 +60,10 @@ fn ask_then_override_allow_produce_two_events_and_approval_records() {
     for name in ["app.test", "late.test"] {
         dns.set(name, &["127.0.0.1".parse().unwrap()]);
     }
-    let control = start_control(&format!(
+    let (_dir, control) = start_control(&format!(
         "[network]\nallow_local_binding = true\n[approvals]\nask_timeout_secs = 2\n{audit}"
     ));
-    let token_file = control.dir.path().join("control.token");
+    let token_file = control.token_file.clone();
     let proxy = ProxyProcess::start(
         &[
             "--control",
@@ -153,7 +83,7 @@ fn ask_then_override_allow_produce_two_events_and_approval_records() {
     let asks = pending(&control, 1);
     let ask = asks[0].clone();
     runtime().block_on(async {
-        let mut c = client(&control).await;
+        let mut c = control.client().await;
         c.approve(v1::ApproveRequest {
             pending_id: ask.id.clone(),
             scope: v1::ApprovalScope::Once as i32,
@@ -234,7 +164,7 @@ fn ask_then_override_allow_produce_two_events_and_approval_records() {
     let mut status = v1::ControlStatus::default();
     for _ in 0..200 {
         status = runtime().block_on(async {
-            let mut c = client(&control).await;
+            let mut c = control.client().await;
             c.get_status(v1::GetStatusRequest {})
                 .await
                 .unwrap()
@@ -258,8 +188,8 @@ fn ask_then_override_allow_produce_two_events_and_approval_records() {
 #[test]
 fn decision_id_is_the_same_on_every_surface() {
     let recv = OtlpReceiver::grpc();
-    let control = start_control("[approvals]\nenabled = false\n");
-    let token_file = control.dir.path().join("control.token");
+    let (_dir, control) = start_control("[approvals]\nenabled = false\n");
+    let token_file = control.token_file.clone();
     let proxy = ProxyProcess::start(
         &[
             "--control",
@@ -273,7 +203,7 @@ fn decision_id_is_the_same_on_every_surface() {
         )),
     );
     let mut watch = runtime().block_on(async {
-        let mut c = client(&control).await;
+        let mut c = control.client().await;
         c.watch_decisions(v1::WatchDecisionsRequest::default())
             .await
             .expect("WatchDecisions")
