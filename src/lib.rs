@@ -6,4 +6,5 @@ pub mod endpoint;
 pub mod policy;
 pub mod proto;
 pub mod secret;
+pub mod signals;
 pub mod telemetry;

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use crate::cli::ServeArgs;
 use crate::server::{self, Failure, Listeners};
-use crate::service::Services;
 
 /// Runs `serve` to completion.
 pub async fn run(args: ServeArgs) -> ExitCode {
@@ -50,7 +49,7 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
             )
         })
         .unwrap_or_default();
-    let signals = Signals::install().map_err(|e| Failure {
+    let signals = portcullis::signals::Signals::install().map_err(|e| Failure {
         code: 1,
         message: format!("startup error: cannot install signal handlers: {e}"),
     })?;
@@ -65,37 +64,10 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
     running.ready().await;
     println!("{{\"event\":\"ready\",\"component\":\"control\",\"grpc\":\"{bound}\"{unix_key}}}");
     tracing::info!(grpc = %bound, "portcullis-control ready");
-    signals.wait(&services).await;
+    // SIGHUP re-reads the rules file meanwhile.
+    signals.wait_for_shutdown(|| services.reload_rules()).await;
     tracing::info!("shutting down");
     running.shutdown(&services).await;
     crate::audit::shutdown(audit).await;
     Ok(())
-}
-
-struct Signals {
-    int: tokio::signal::unix::Signal,
-    term: tokio::signal::unix::Signal,
-    hup: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn install() -> std::io::Result<Signals> {
-        use tokio::signal::unix::{SignalKind, signal};
-        Ok(Signals {
-            int: signal(SignalKind::interrupt())?,
-            term: signal(SignalKind::terminate())?,
-            hup: signal(SignalKind::hangup())?,
-        })
-    }
-
-    /// Waits for SIGINT/SIGTERM; SIGHUP re-reads the rules file meanwhile.
-    async fn wait(mut self, services: &Services) {
-        loop {
-            tokio::select! {
-                _ = self.int.recv() => return,
-                _ = self.term.recv() => return,
-                _ = self.hup.recv() => services.reload_rules().await,
-            }
-        }
-    }
 }

@@ -273,7 +273,7 @@ async fn run(args: cli::Args, audit_slot: portcullis::telemetry::AuditSlot) -> E
         None
     };
     // Signal handlers exist before anyone can learn our addresses from the ready line.
-    let signals = match Signals::install() {
+    let signals = match portcullis::signals::Signals::install() {
         Ok(s) => s,
         Err(e) => {
             if let Some(m) = &mitm {
@@ -285,7 +285,14 @@ async fn run(args: cli::Args, audit_slot: portcullis::telemetry::AuditSlot) -> E
     println!("{}", shared.bound().ready_line());
     tracing::info!(proxy_id = %shared.origin().proxy_id, "portcullis-proxy ready");
 
-    signals.wait_for_shutdown(&app).await;
+    // SIGHUP reloads the configuration meanwhile.
+    signals
+        .wait_for_shutdown(|| async {
+            if let Err(e) = app.reload().await {
+                tracing::error!("reload failed, keeping the running configuration: {e}");
+            }
+        })
+        .await;
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
     let grace = shared.settings().shutdown_grace;
@@ -307,37 +314,4 @@ async fn run(args: cli::Args, audit_slot: portcullis::telemetry::AuditSlot) -> E
 fn startup_failure(msg: &str) -> ExitCode {
     eprintln!("startup error: {msg}");
     ExitCode::from(1)
-}
-
-/// SIGINT, SIGTERM (shutdown) and SIGHUP (reload) streams.
-struct Signals {
-    int: tokio::signal::unix::Signal,
-    term: tokio::signal::unix::Signal,
-    hup: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn install() -> std::io::Result<Signals> {
-        use tokio::signal::unix::{SignalKind, signal};
-        Ok(Signals {
-            int: signal(SignalKind::interrupt())?,
-            term: signal(SignalKind::terminate())?,
-            hup: signal(SignalKind::hangup())?,
-        })
-    }
-
-    /// Waits for SIGINT/SIGTERM; SIGHUP reloads the configuration meanwhile.
-    async fn wait_for_shutdown(mut self, app: &App) {
-        loop {
-            tokio::select! {
-                _ = self.int.recv() => return,
-                _ = self.term.recv() => return,
-                _ = self.hup.recv() => {
-                    if let Err(e) = app.reload().await {
-                        tracing::error!("reload failed, keeping the running configuration: {e}");
-                    }
-                }
-            }
-        }
-    }
 }
