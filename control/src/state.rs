@@ -289,8 +289,13 @@ impl ControlState {
                     .collect()
             })
             .unwrap_or_default();
+        // One snapshot per session, cloned per proxy (most proxies share a session).
+        let mut per_session: HashMap<String, v1::PolicySnapshot> = HashMap::new();
         for (proxy_id, session_id, tx) in targets {
-            let snap = self.snapshot_for(&session_id);
+            let snap = per_session
+                .entry(session_id)
+                .or_insert_with_key(|s| self.snapshot_for(s))
+                .clone();
             if let Ok(mut p) = self.proxies.lock()
                 && let Some(a) = p.get_mut(&proxy_id)
             {

@@ -3,15 +3,15 @@
 //! backoff while keeping the last snapshot.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use portcullis::config::{Config, ControlEndpoint, Mode};
-use portcullis::decision::{Decision, Verdict};
 use portcullis::policy::CompiledPolicy;
 use portcullis::proto::v1;
 use portcullis::proto::v1::data_plane_client::DataPlaneClient;
 use tokio::sync::{mpsc, oneshot};
+
+use crate::report::ControlQueue;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::state::{Runtime, Settings, Shared};
@@ -44,32 +44,18 @@ impl AttachConfig {
     }
 }
 
-/// Which Decisions go to the control plane (control.md §6 rule 5).
-fn reportable(d: &Decision, report_allows: bool) -> bool {
-    d.decision != Verdict::Allow || d.override_ || report_allows
-}
-
 /// Runs the attach loop forever; `first` fires once the first snapshot was applied (or with
 /// the first error, so startup can fail with a clear cause).
 pub async fn run(
     shared: Arc<Shared>,
     cfg: AttachConfig,
-    mut decisions: mpsc::Receiver<Arc<Decision>>,
+    decisions: Arc<ControlQueue>,
     first: oneshot::Sender<Result<(), String>>,
 ) {
     let mut first = Some(first);
-    let report_allows = Arc::new(AtomicBool::new(false));
     let mut attempt: u32 = 0;
     loop {
-        let result = session(
-            &shared,
-            &cfg,
-            &mut decisions,
-            &mut first,
-            &report_allows,
-            &mut attempt,
-        )
-        .await;
+        let result = session(&shared, &cfg, &decisions, &mut first, &mut attempt).await;
         shared.metrics().set_control_connected(false);
         match result {
             Err(e) => {
@@ -97,9 +83,8 @@ fn backoff(initial: Duration, max: Duration, n: u32) -> Duration {
 async fn session(
     shared: &Arc<Shared>,
     cfg: &AttachConfig,
-    decisions: &mut mpsc::Receiver<Arc<Decision>>,
+    decisions: &ControlQueue,
     first: &mut Option<oneshot::Sender<Result<(), String>>>,
-    report_allows: &AtomicBool,
     attempt: &mut u32,
 ) -> Result<(), String> {
     let token = portcullis::secret::read_secret_file("control.token_file", &cfg.token_file)?;
@@ -187,7 +172,7 @@ async fn session(
                 };
                 instance.clone_from(&snap.control_instance_id);
                 last_version = snap.version;
-                report_allows.store(snap.report_allows, Ordering::Relaxed);
+                decisions.set_report_allows(snap.report_allows);
                 if let Some(a) = &asker {
                     a.set_ask_timeout_ms(snap.ask_timeout_ms);
                 }
@@ -209,11 +194,12 @@ async fn session(
                     }
                 }
             }
-            d = decisions.recv() => {
-                let Some(d) = d else { return Ok(()) };
-                if reportable(&d, report_allows.load(Ordering::Relaxed)) {
-                    let msg = v1::ProxyMessage { msg: Some(v1::proxy_message::Msg::Decision(v1::Decision::from(&*d))) };
-                    tx.send(msg).await.map_err(|_| "stream closed".to_string())?;
+            d = decisions.pop() => {
+                let msg = v1::ProxyMessage { msg: Some(v1::proxy_message::Msg::Decision(v1::Decision::from(&*d))) };
+                if tx.send(msg).await.is_err() {
+                    // Not sent: it waits for the next stream, still the oldest.
+                    decisions.requeue(d);
+                    return Err("stream closed".to_string());
                 }
             }
         }

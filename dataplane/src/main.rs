@@ -158,12 +158,9 @@ async fn run(args: cli::Args, audit_slot: portcullis::telemetry::AuditSlot) -> E
                 "attached to a control plane: local policy keys (lists, mode, allow_local_binding, unix sockets) are ignored; the snapshots decide"
             );
         }
-        let (tx, rx) = tokio::sync::mpsc::channel(runtime.config.control.event_buffer as usize);
-        reporter.add_sink(Box::new(report::ChannelSink::new(
-            report::Sink::Control,
-            tx,
-        )));
-        control_events = Some(rx);
+        let queue = report::ControlQueue::new(runtime.config.control.event_buffer as usize);
+        reporter.add_sink(Box::new(report::ControlSink(queue.clone())));
+        control_events = Some(queue);
     }
     let attach_timeout = std::time::Duration::from_secs(runtime.config.control.attach_timeout_secs);
     let origin = portcullis::decision::Origin {

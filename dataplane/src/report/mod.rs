@@ -7,6 +7,7 @@
 
 pub mod audit;
 pub mod blocked_log;
+pub mod control_queue;
 pub mod metrics;
 
 #[cfg(test)]
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use portcullis::decision::{Decision, Verdict};
 
 pub use blocked_log::BlockedLog;
+pub use control_queue::{ControlQueue, ControlSink};
 pub use metrics::{Metrics, Sink};
 
 /// What a [`DecisionSink`] did with a Decision.
@@ -42,46 +44,6 @@ pub trait DecisionSink: Send + Sync {
     fn sink(&self) -> Sink;
     /// Hands the Decision on without blocking.
     fn offer(&self, d: &Arc<Decision>) -> Offer;
-}
-
-/// A [`DecisionSink`] over a bounded tokio channel: `try_send`, full or closed = dropped.
-pub struct ChannelSink {
-    sink: Sink,
-    tx: tokio::sync::mpsc::Sender<Arc<Decision>>,
-    filter: fn(&Decision) -> bool,
-}
-
-impl ChannelSink {
-    /// Sends every Decision to `tx`; drops are counted under `sink`.
-    pub fn new(sink: Sink, tx: tokio::sync::mpsc::Sender<Arc<Decision>>) -> ChannelSink {
-        ChannelSink {
-            sink,
-            tx,
-            filter: |_| true,
-        }
-    }
-
-    /// Sends only the Decisions `filter` accepts (the others are [`Offer::Skipped`]).
-    pub fn with_filter(mut self, filter: fn(&Decision) -> bool) -> ChannelSink {
-        self.filter = filter;
-        self
-    }
-}
-
-impl DecisionSink for ChannelSink {
-    fn sink(&self) -> Sink {
-        self.sink
-    }
-
-    fn offer(&self, d: &Arc<Decision>) -> Offer {
-        if !(self.filter)(d) {
-            return Offer::Skipped;
-        }
-        match self.tx.try_send(d.clone()) {
-            Ok(()) => Offer::Accepted,
-            Err(_) => Offer::Dropped,
-        }
-    }
 }
 
 /// The one place Decisions are reported.
