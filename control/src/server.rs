@@ -11,6 +11,7 @@ use portcullis::proto::v1::control_server::ControlServer;
 use portcullis::proto::v1::data_plane_server::DataPlaneServer;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::cli::PolicySourceArgs;
@@ -179,7 +180,16 @@ pub fn start(
         let router = router(services, token.clone(), health_service.clone())?;
         stops.push(tx);
         tasks.push(tokio::spawn(async move {
-            let incoming = TcpListenerStream::new(listener);
+            // Small gRPC frames (acks, answers, responses) must not wait for Nagle: with
+            // delayed ACKs a response could stall 40 ms. Our own incoming stream skips the
+            // option tonic sets on the listeners it binds itself.
+            let incoming = TcpListenerStream::new(listener).map(|conn| {
+                conn.inspect(|s| {
+                    if let Err(e) = s.set_nodelay(true) {
+                        tracing::debug!("cannot set TCP_NODELAY: {e}");
+                    }
+                })
+            });
             if let Err(e) = router
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = rx.await;

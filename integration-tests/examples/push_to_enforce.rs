@@ -1,26 +1,37 @@
-//! Benchmark (control.md test 24, not a test): push-to-enforce time and Decision-event
+//! Benchmark (control.md §8.5 and test 24, not a test): push-to-enforce time and Decision-event
 //! throughput with the real release binaries.
 //!
-//! `cargo run --release -p portcullis-integration-tests --example push_to_enforce [-- ROUNDS]`
+//! `cargo run --release -p portcullis-integration-tests --example push_to_enforce [-- ROUNDS [E2E_ROUNDS]]`
 //!
-//! One `portcullis-control serve` (approvals off, so a miss is an immediate 403) and 1, 10 and
-//! 100 attached `portcullis-proxy` processes (one worker thread each). Each round adds
-//! `network_rule(host="rN-K.bench", protocol="http", decision="allow")` with `AddRule` and
-//! measures, from just before the RPC, the time until every proxy has answered a raw
-//! `GET http://rN-K.bench:PORT/` with 200 from the loopback origin (names resolve through the
-//! test DNS server; each proxy is polled from its own task, 1 ms between attempts, starting when
-//! `AddRule` returns). Prints p50 / p99 / max of that "all proxies allow" time, of the
-//! `AddRule` RPC alone (lock, read, parse, write, two fsyncs, push) and of the part after the
-//! RPC returned. Then, with the 100 proxies, 64 client tasks send requests to a host
-//! with no rule for a few seconds while one `WatchDecisions` stream counts the deny events it
-//! receives; prints events/s and any `lagged` (counted, dropped) events.
+//! One `portcullis-control serve` (approvals off, so a miss is an immediate 403).
+//!
+//! 1. **Spec method** (default 200 rounds): 1, 10 and 100 bare data-plane policy clients attach
+//!    over `DataPlane.Attach` from this process, each on its own connection. A client does what
+//!    the proxy's attach loop does with a snapshot — convert it with the shared
+//!    `SnapshotLists::policy_spec`, compile it with the real policy engine, swap it in, then ack —
+//!    but has no listeners. Each round adds `network_rule(host="rN-K.bench", protocol="http",
+//!    decision="allow")` with `AddRule(wait_for_enforcement = true)`; push-to-enforce is the time
+//!    from just before the RPC to the last client's ack of that version (an acked version is
+//!    enforced, control.md §8.3). Also prints the RPC time (it returns after the last ack) and
+//!    checks every response says `enforced`.
+//! 2. **End to end** (default 20 rounds): 1, 10 and 100 `portcullis-proxy` processes (one
+//!    worker thread each). From just before `AddRule` (without waiting), the time until every
+//!    proxy has answered a raw `GET http://rN-K.bench:PORT/` with 200 from the loopback origin
+//!    (names resolve through the test DNS server; each proxy is polled from its own task, 1 ms
+//!    between attempts, starting when `AddRule` returns).
+//! 3. With the 100 proxies, 64 client tasks send requests to a host with no rule for a few
+//!    seconds while one `WatchDecisions` stream counts the deny events it receives; prints
+//!    events/s and any `lagged` (counted, dropped) events.
 
+use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use portcullis::policy::CompiledPolicy;
 use portcullis::proto::v1;
+use portcullis::proto::v1::data_plane_client::DataPlaneClient;
 use portcullis_integration_tests::control::ControlSpec;
 use portcullis_integration_tests::proxy::workspace_root;
 use portcullis_integration_tests::{ControlProcess, DnsServer, origin::http_echo};
@@ -164,9 +175,189 @@ async fn wait_in_sync(c: &ControlProcess, n: usize) {
     panic!("{n} proxies never attached and in sync");
 }
 
+/// Per snapshot version: how many clients acked it, the first and last ack, and the time the
+/// clients spent converting and compiling it (summed).
+type AckLog = Arc<Mutex<HashMap<u64, Acks>>>;
+
+#[derive(Clone, Copy)]
+struct Acks {
+    count: usize,
+    first: Instant,
+    last: Instant,
+    compile: Duration,
+}
+
+/// One bare policy client: attach, compile and swap every snapshot, ack it. Runs until the
+/// stream ends (the bench aborts it).
+async fn policy_client(url: String, token: String, n: usize, acks: AckLog) {
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect to control");
+    let auth: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+        format!("Bearer {token}").parse().expect("token is ASCII");
+    let mut client =
+        DataPlaneClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", auth.clone());
+            Ok(req)
+        })
+        .max_decoding_message_size(16 * 1024 * 1024);
+    let (tx, rx) = tokio::sync::mpsc::channel::<v1::ProxyMessage>(16);
+    let hello = v1::Hello {
+        protocol_version: 1,
+        proxy_id: format!("px-{n:012x}"),
+        session_id: "bench".into(),
+        version: "bench".into(),
+        pid: std::process::id(),
+        ..Default::default()
+    };
+    tx.send(v1::ProxyMessage {
+        msg: Some(v1::proxy_message::Msg::Hello(hello)),
+    })
+    .await
+    .expect("queue Hello");
+    let mut inbound = client
+        .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("Attach")
+        .into_inner();
+    let enforced: RwLock<Option<Arc<CompiledPolicy>>> = RwLock::new(None);
+    while let Ok(Some(msg)) = inbound.message().await {
+        let Some(v1::control_message::Msg::Snapshot(snap)) = msg.msg else {
+            continue;
+        };
+        let started = Instant::now();
+        let spec = portcullis::proto::SnapshotLists::policy_spec(&snap, true, false)
+            .expect("snapshot converts");
+        let policy = CompiledPolicy::compile(&spec).expect("snapshot compiles");
+        if let Ok(mut e) = enforced.write() {
+            *e = Some(Arc::new(policy));
+        }
+        let compile = started.elapsed();
+        let ack = v1::SnapshotAck {
+            control_instance_id: snap.control_instance_id,
+            version: snap.version,
+            applied: true,
+            error: String::new(),
+        };
+        if tx
+            .send(v1::ProxyMessage {
+                msg: Some(v1::proxy_message::Msg::SnapshotAck(ack)),
+            })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let now = Instant::now();
+        if let Ok(mut log) = acks.lock() {
+            let e = log.entry(snap.version).or_insert(Acks {
+                count: 0,
+                first: now,
+                last: now,
+                compile: Duration::ZERO,
+            });
+            e.count += 1;
+            e.first = e.first.min(now);
+            e.last = e.last.max(now);
+            e.compile += compile;
+        }
+    }
+}
+
+/// Part 1: the spec's method with bare policy clients.
+fn spec_method(rt: &tokio::runtime::Runtime, control: &ControlProcess, rounds: usize) {
+    println!(
+        "push-to-enforce (control.md §8.5): AddRule → last ack, bare policy clients, {rounds} rounds"
+    );
+    println!(
+        "| policy clients | to last ack p50 | p99 | max | AddRule (wait_for_enforcement) p50 | p99 | max |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let acks: AckLog = Arc::new(Mutex::new(HashMap::new()));
+    let mut clients = Vec::new();
+    for n in COUNTS {
+        while clients.len() < n {
+            let i = clients.len();
+            clients.push(rt.spawn(policy_client(
+                control.url(),
+                control.token.clone(),
+                i,
+                acks.clone(),
+            )));
+        }
+        rt.block_on(wait_in_sync(control, n));
+        let mut to_ack = Vec::new();
+        let mut rpc = Vec::new();
+        let mut to_first = Vec::new();
+        let mut compile = Vec::new();
+        for k in 0..rounds {
+            let host = format!("c{n}-{k}.bench");
+            let (t0, call, version) = rt.block_on(async {
+                let mut client = control.client().await;
+                let t0 = Instant::now();
+                let r = client
+                    .add_rule(v1::AddRuleRequest {
+                        host,
+                        protocol: "http".into(),
+                        decision: "allow".into(),
+                        wait_for_enforcement: true,
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("AddRule")
+                    .into_inner();
+                assert!(
+                    r.enforced && r.lagging_proxies.is_empty(),
+                    "version {} not enforced; lagging: {:?}",
+                    r.policy_version,
+                    r.lagging_proxies
+                );
+                (t0, t0.elapsed(), r.policy_version)
+            });
+            let a = acks
+                .lock()
+                .ok()
+                .and_then(|log| log.get(&version).copied())
+                .expect("acks of the version");
+            assert_eq!(a.count, n, "every client acked version {version}");
+            to_ack.push(a.last.saturating_duration_since(t0));
+            to_first.push(a.first.saturating_duration_since(t0));
+            compile.push(a.compile);
+            rpc.push(call);
+        }
+        to_ack.sort();
+        rpc.sort();
+        to_first.sort();
+        compile.sort();
+        println!(
+            "| {n} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            ms(pct(&to_ack, 0.5)),
+            ms(pct(&to_ack, 0.99)),
+            ms(*to_ack.last().expect("rounds")),
+            ms(pct(&rpc, 0.5)),
+            ms(pct(&rpc, 0.99)),
+            ms(*rpc.last().expect("rounds")),
+            ms(pct(&to_first, 0.5)),
+            ms(pct(&compile, 0.5)),
+        );
+    }
+    for c in clients {
+        c.abort();
+    }
+    // Let the control plane see the streams go before proxies attach.
+    rt.block_on(wait_in_sync(control, 0));
+    println!();
+}
+
 fn main() {
     let rounds: usize = std::env::args()
         .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(200);
+    let e2e_rounds: usize = std::env::args()
+        .nth(2)
         .and_then(|a| a.parse().ok())
         .unwrap_or(20);
     let (proxy_bin, control_bin) = release_bins();
@@ -192,8 +383,12 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    spec_method(&rt, &control, rounds);
+    if e2e_rounds == 0 {
+        return;
+    }
     let mut proxies: Vec<Proxy> = Vec::new();
-    println!("push-to-enforce: AddRule → every proxy answers 200, {rounds} rounds");
+    println!("end to end: AddRule → every proxy answers 200, {e2e_rounds} rounds");
     println!(
         "| proxies | all allow p50 | p99 | max | AddRule RPC p50 | p99 | after the RPC p50 | p99 |"
     );
@@ -207,7 +402,7 @@ fn main() {
         let mut all = Vec::new();
         let mut rpc = Vec::new();
         let mut push = Vec::new();
-        for k in 0..rounds {
+        for k in 0..e2e_rounds {
             let host = format!("r{n}-{k}.bench");
             dns.set(&host, &["127.0.0.1".parse().expect("ip")]);
             let (total, call) = rt.block_on(async {
