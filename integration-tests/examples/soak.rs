@@ -3,7 +3,7 @@
 //! Decision on every surface.
 //!
 //! `cargo run --release -p portcullis-integration-tests --example soak -- [--secs N] [--pace-ms M]`
-//! (default 180 s, 2 ms pause between two requests of one client task; `scripts/soak` wraps it).
+//! (default 180 s, 5 ms pause between two requests of one client task; `scripts/soak` wraps it).
 //!
 //! Set-up, all on 127.0.0.1: one `portcullis-control serve` (`report_allows = true`, ask timeout
 //! 10 s) and one attached `portcullis-proxy` (HTTP, SOCKS5 and admin listeners, `--log warn`,
@@ -126,7 +126,24 @@ impl Drop for Proxy {
 
 fn release_bins() -> (PathBuf, PathBuf) {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let ok = Command::new(cargo)
+    let mut cmd = Command::new(cargo);
+    // `cargo run` gives this process CARGO_PKG_* / CARGO_MANIFEST_* of the example's package.
+    // Build scripts that watch those names (ring: `rerun-if-env-changed=CARGO_PKG_NAME`) would
+    // then see a change and rebuild half the tree on every run, so the inner build gets the
+    // environment a plain `cargo build` has.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().into_owned();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                k.as_str(),
+                "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            cmd.env_remove(k);
+        }
+    }
+    let ok = cmd
         .args([
             "build",
             "--release",
@@ -220,10 +237,7 @@ impl Conn {
     async fn open(addr: &str) -> std::io::Result<Conn> {
         let s = TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
-        Ok(Conn {
-            s,
-            buf: Vec::new(),
-        })
+        Ok(Conn { s, buf: Vec::new() })
     }
 
     async fn fill(&mut self) -> std::io::Result<()> {
@@ -314,7 +328,10 @@ impl Conn {
 /// `(reason, id)` of a Decision response body's first line.
 fn decision_line(body: &[u8]) -> Option<(String, String)> {
     let text = String::from_utf8_lossy(body);
-    let json = text.lines().next()?.strip_prefix("PORTCULLIS_POLICY_DECISION ")?;
+    let json = text
+        .lines()
+        .next()?
+        .strip_prefix("PORTCULLIS_POLICY_DECISION ")?;
     let v: serde_json::Value = serde_json::from_str(json).ok()?;
     Some((v["reason"].as_str()?.into(), v["id"].as_str()?.into()))
 }
@@ -381,7 +398,9 @@ async fn http_allowed(env: Arc<Env>, task: u64) {
                             .unexpected("http allowed: wrong echo", format!("{v}"));
                     }
                     env.tally.decision(Proto::Http, Verdict::Allow);
-                    if h.get("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
+                    if h.get("connection")
+                        .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+                    {
                         continue 'conn;
                     }
                 }
@@ -504,7 +523,9 @@ async fn tunnel_allowed(env: Arc<Env>, proto: Proto, task: u64) {
         env.tally.request(kind);
         match one(&env, proto, "allowed.soak", n).await {
             Ok(Seen::Allowed) => env.tally.decision(proto, Verdict::Allow),
-            Ok(Seen::Refused(r)) => env.tally.unexpected(&format!("{kind}: refused"), format!("{r:?}")),
+            Ok(Seen::Refused(r)) => env
+                .tally
+                .unexpected(&format!("{kind}: refused"), format!("{r:?}")),
             Err(e) => env.tally.unexpected(&format!("{kind}: {e}"), String::new()),
         }
         tokio::time::sleep(env.pace).await;
@@ -528,7 +549,9 @@ async fn denied(env: Arc<Env>, task: u64) {
             Ok(Seen::Allowed) => env
                 .tally
                 .unexpected(&format!("denied {proto:?}: allowed"), String::new()),
-            Err(e) => env.tally.unexpected(&format!("denied {proto:?}: {e}"), String::new()),
+            Err(e) => env
+                .tally
+                .unexpected(&format!("denied {proto:?}: {e}"), String::new()),
         }
         tokio::time::sleep(env.pace).await;
     }
@@ -555,7 +578,9 @@ async fn asker(env: Arc<Env>, proto: Proto) {
             Ok(Seen::Refused(r)) => env
                 .tally
                 .unexpected(&format!("ask {proto:?}: reason {r:?}"), String::new()),
-            Err(e) => env.tally.unexpected(&format!("ask {proto:?}: {e}"), String::new()),
+            Err(e) => env
+                .tally
+                .unexpected(&format!("ask {proto:?}: {e}"), String::new()),
         }
         tokio::time::sleep(env.pace).await;
     }
@@ -611,11 +636,12 @@ async fn approver(client: Client, stats: Arc<ApproverStats>) {
                         Ok(()) if approve => stats.approved.fetch_add(1, Relaxed),
                         Ok(()) => stats.denied.fetch_add(1, Relaxed),
                         Err(e) => {
-                            stats
-                                .errors
-                                .lock()
-                                .unwrap()
-                                .push(format!("{} {}: {}", ask.id, e.code(), e.message()));
+                            stats.errors.lock().unwrap().push(format!(
+                                "{} {}: {}",
+                                ask.id,
+                                e.code(),
+                                e.message()
+                            ));
                             0
                         }
                     };
@@ -626,10 +652,9 @@ async fn approver(client: Client, stats: Arc<ApproverStats>) {
                 .lock()
                 .unwrap()
                 .push(format!("WatchPending lagged {}", l.missed)),
-            Some(v1::pending_event::Event::Expired(e)) => stats.errors.lock().unwrap().push(format!(
-                "ask {} expired",
-                e.ask.map(|a| a.id).unwrap_or_default()
-            )),
+            Some(v1::pending_event::Event::Expired(e)) => stats.errors.lock().unwrap().push(
+                format!("ask {} expired", e.ask.map(|a| a.id).unwrap_or_default()),
+            ),
             _ => {}
         }
     }
@@ -682,7 +707,9 @@ async fn pusher(env: Arc<Env>, mut client: Client) -> PushStats {
             Ok(Seen::Refused(r)) => env
                 .tally
                 .unexpected("pushed rule check: refused", format!("{r:?}")),
-            Err(e) => env.tally.unexpected(&format!("pushed rule check: {e}"), String::new()),
+            Err(e) => env
+                .tally
+                .unexpected(&format!("pushed rule check: {e}"), String::new()),
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let t0 = Instant::now();
@@ -718,7 +745,11 @@ struct Events {
     ids: Vec<String>,
 }
 
-async fn watcher(mut client: Client, events: Arc<Mutex<Events>>, ready: tokio::sync::oneshot::Sender<()>) {
+async fn watcher(
+    mut client: Client,
+    events: Arc<Mutex<Events>>,
+    ready: tokio::sync::oneshot::Sender<()>,
+) {
     let mut stream = client
         .watch_decisions(v1::WatchDecisionsRequest {
             include_allows: true,
@@ -736,10 +767,11 @@ async fn watcher(mut client: Client, events: Arc<Mutex<Events>>, ready: tokio::s
                 let v = VERDICTS.iter().position(|v| *v == d.decision);
                 match (p, v) {
                     (Some(p), Some(v)) => ev.decisions[p][v] += 1,
-                    _ => *ev
-                        .other
-                        .entry(format!("{}/{}", d.protocol, d.decision))
-                        .or_default() += 1,
+                    _ => {
+                        *ev.other
+                            .entry(format!("{}/{}", d.protocol, d.decision))
+                            .or_default() += 1
+                    }
                 }
                 ev.ids.push(d.id);
             }
@@ -908,7 +940,7 @@ fn rss_section(r: &mut Report, name: &str, samples: &[(f64, u64)], secs: f64, wa
 
 fn main() {
     let mut secs: u64 = 180;
-    let mut pace_ms: u64 = 2;
+    let mut pace_ms: u64 = 5;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || -> u64 {
@@ -1058,13 +1090,7 @@ fn main() {
         .sum();
     let settle = Instant::now();
     loop {
-        let got: u64 = events
-            .lock()
-            .unwrap()
-            .decisions
-            .iter()
-            .flatten()
-            .sum();
+        let got: u64 = events.lock().unwrap().decisions.iter().flatten().sum();
         if got >= client_total || settle.elapsed() > Duration::from_secs(15) {
             break;
         }
@@ -1113,8 +1139,9 @@ fn main() {
     for (p, proto) in PROTOCOLS.iter().enumerate() {
         for (v, verdict) in VERDICTS.iter().enumerate() {
             let c = tally.decisions[p][v].load(Relaxed) as i64;
-            let key =
-                format!("portcullis_decisions_total{{protocol=\"{proto}\",decision=\"{verdict}\"}}");
+            let key = format!(
+                "portcullis_decisions_total{{protocol=\"{proto}\",decision=\"{verdict}\"}}"
+            );
             let m = (series(&m1, &key) - series(&m0, &key)) as i64;
             let e = ev.decisions[p][v] as i64;
             let ok = c == m && m == e;
@@ -1194,7 +1221,10 @@ fn main() {
     drop(ev);
 
     // Approvals.
-    let (ap, dn) = (approvals.approved.load(Relaxed), approvals.denied.load(Relaxed));
+    let (ap, dn) = (
+        approvals.approved.load(Relaxed),
+        approvals.denied.load(Relaxed),
+    );
     let (ca, cd) = (
         tally.asked_allowed.load(Relaxed),
         tally.asked_denied.load(Relaxed),
@@ -1284,11 +1314,15 @@ fn main() {
     );
     let new_other: Vec<&String> = v1s.other.iter().skip(v0.other.len()).collect();
     let control_log = control.stderr_text();
-    let control_lines: Vec<&str> = control_log.lines().filter(|l| !l.trim().is_empty()).collect();
+    let control_lines: Vec<&str> = control_log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
     r.line(format!(
-        "log lines other than violation lines: proxy {} (before load {}), control {}",
+        "log lines other than violation lines: proxy {} during the load (at start-up {}: {:?}), control {}",
         new_other.len(),
         v0.other.len(),
+        v0.other,
         control_lines.len()
     ));
     for l in new_other.iter().take(5) {
