@@ -609,7 +609,7 @@ async fn approver(client: Client, stats: Arc<ApproverStats>) {
                 k += 1;
                 let mut client = client.clone();
                 let stats = stats.clone();
-                let approve = k % 3 != 0;
+                let approve = !k.is_multiple_of(3);
                 tokio::spawn(async move {
                     let r = if approve {
                         client
@@ -1056,7 +1056,7 @@ fn main() {
             control_rss.push((t, k));
         }
         served += http_origin.take_request_count();
-        if (next.as_secs() % 30) == 0 {
+        if next.as_secs().is_multiple_of(30) {
             let done: u64 = env.tally.requests.lock().unwrap().values().sum();
             eprintln!(
                 "  {:>4.0} s: {done} requests, proxy RSS {} KiB, control RSS {} KiB",
