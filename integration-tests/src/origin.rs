@@ -58,6 +58,11 @@ impl Origin {
     pub fn requests(&self) -> Vec<serde_json::Value> {
         self.requests.lock().unwrap().clone()
     }
+    /// Forgets the recorded requests and returns how many there were (long runs such as the
+    /// soak call it periodically so the log stays bounded).
+    pub fn take_request_count(&self) -> usize {
+        std::mem::take(&mut *self.requests.lock().unwrap()).len()
+    }
 }
 
 impl Drop for Origin {
