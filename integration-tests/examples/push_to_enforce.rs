@@ -33,7 +33,7 @@ use portcullis::policy::CompiledPolicy;
 use portcullis::proto::v1;
 use portcullis::proto::v1::data_plane_client::DataPlaneClient;
 use portcullis_integration_tests::control::ControlSpec;
-use portcullis_integration_tests::proxy::workspace_root;
+use portcullis_integration_tests::proxy::release_bins;
 use portcullis_integration_tests::{ControlProcess, DnsServer, origin::http_echo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -49,29 +49,6 @@ impl Drop for Proxy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn release_bins() -> (std::path::PathBuf, std::path::PathBuf) {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let ok = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "portcullis-dataplane",
-            "-p",
-            "portcullis-control",
-        ])
-        .current_dir(workspace_root())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(ok, "cargo build --release of the binaries failed");
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
-        .join("release");
-    (dir.join("portcullis-proxy"), dir.join("portcullis-control"))
 }
 
 fn start_proxy(bin: &std::path::Path, control: &ControlProcess, config: &std::path::Path) -> Proxy {
@@ -272,9 +249,9 @@ fn spec_method(rt: &tokio::runtime::Runtime, control: &ControlProcess, rounds: u
         "push-to-enforce (control.md §8.5): AddRule → last ack, bare policy clients, {rounds} rounds"
     );
     println!(
-        "| policy clients | to last ack p50 | p99 | max | AddRule (wait_for_enforcement) p50 | p99 | max |"
+        "| policy clients | to last ack p50 | p99 | max | AddRule (wait_for_enforcement) p50 | p99 | max | to first ack p50 | compile CPU per round p50 |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let acks: AckLog = Arc::new(Mutex::new(HashMap::new()));
     let mut clients = Vec::new();
     for n in COUNTS {

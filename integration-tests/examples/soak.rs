@@ -38,7 +38,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufRead, Write as _};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 use portcullis::proto::v1;
 use portcullis_integration_tests::control::{Client, ControlSpec};
 use portcullis_integration_tests::origin::{Origin, http_echo, tcp_echo};
-use portcullis_integration_tests::proxy::workspace_root;
+use portcullis_integration_tests::proxy::release_bins;
 use portcullis_integration_tests::{ControlProcess, DnsServer, admin_get};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -122,46 +122,6 @@ impl Drop for Proxy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn release_bins() -> (PathBuf, PathBuf) {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    // `cargo run` gives this process CARGO_PKG_* / CARGO_MANIFEST_* of the example's package.
-    // Build scripts that watch those names (ring: `rerun-if-env-changed=CARGO_PKG_NAME`) would
-    // then see a change and rebuild half the tree on every run, so the inner build gets the
-    // environment a plain `cargo build` has.
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy().into_owned();
-        if k.starts_with("CARGO_PKG_")
-            || k.starts_with("CARGO_MANIFEST_")
-            || matches!(
-                k.as_str(),
-                "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
-            )
-        {
-            cmd.env_remove(k);
-        }
-    }
-    let ok = cmd
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "portcullis-dataplane",
-            "-p",
-            "portcullis-control",
-        ])
-        .current_dir(workspace_root())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(ok, "cargo build --release of the binaries failed");
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
-        .join("release");
-    (dir.join("portcullis-proxy"), dir.join("portcullis-control"))
 }
 
 fn start_proxy(bin: &Path, control: &ControlProcess, config: &Path, stderr: &Path) -> Proxy {

@@ -36,20 +36,56 @@ fn target_dir() -> PathBuf {
 /// never runs a stale binary left over from an earlier build.
 fn build_binaries() {
     BUILD.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "-p",
-                "portcullis-dataplane",
-                "-p",
-                "portcullis-control",
-            ])
-            .current_dir(workspace_root())
-            .status()
-            .expect("run cargo build for the binaries");
-        assert!(status.success(), "cargo build of the binaries failed");
+        assert!(
+            cargo_build_binaries(false),
+            "cargo build of the binaries failed"
+        );
     });
+}
+
+/// Runs `cargo build [--release] -p portcullis-dataplane -p portcullis-control`; whether it
+/// succeeded.
+///
+/// `cargo test` and `cargo run` give this process the CARGO_PKG_* / CARGO_MANIFEST_* variables
+/// of the test's package; build scripts that watch those names (ring:
+/// `rerun-if-env-changed=CARGO_PKG_NAME`) would then see a change and rebuild half the tree on
+/// every nested build, and again on the next outer one. The inner build gets the environment a
+/// plain `cargo build` has.
+fn cargo_build_binaries(release: bool) -> bool {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let mut cmd = Command::new(cargo);
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().into_owned();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                k.as_str(),
+                "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.arg("build");
+    if release {
+        cmd.arg("--release");
+    }
+    cmd.args(["-p", "portcullis-dataplane", "-p", "portcullis-control"])
+        .current_dir(workspace_root())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// The release `portcullis-proxy` and `portcullis-control` (built first), for the benchmark and
+/// soak examples.
+pub fn release_bins() -> (PathBuf, PathBuf) {
+    assert!(
+        cargo_build_binaries(true),
+        "cargo build --release of the binaries failed"
+    );
+    let dir = target_dir().join("release");
+    (dir.join("portcullis-proxy"), dir.join("portcullis-control"))
 }
 
 /// Path to `portcullis-proxy` (built first if needed).
