@@ -6,6 +6,8 @@ use std::time::Duration;
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::name_server::TokioConnectionProvider;
+use hickory_resolver::proto::ProtoErrorKind;
+use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::xfer::Protocol as DnsTransport;
 use portcullis::decision::ResolveFailure;
 
@@ -58,7 +60,7 @@ impl Resolver {
                 },
                 Resolver::Servers(r) => match r.lookup_ip(fqdn(name)).await {
                     Ok(lookup) => Ok(lookup.iter().collect()),
-                    Err(e) if e.is_no_records_found() => Err(ResolveFailure::NoAddresses),
+                    Err(e) if no_addresses(&e) => Err(ResolveFailure::NoAddresses),
                     Err(_) => Err(ResolveFailure::LookupFailed),
                 },
             }
@@ -82,6 +84,20 @@ impl Resolver {
         }
         Ok(seen)
     }
+}
+
+/// Whether a failed lookup means the name has no addresses (NOERROR without A/AAAA records, or
+/// NXDOMAIN). hickory reports a SERVFAIL or REFUSED answer as "no records found" too, but that is
+/// a failed lookup: `decisions.md` §5 names the cause `lookup failed`, not `no addresses`
+/// (issue 12, found by faults.rs `dns_servfail_fails_closed_and_dials_nothing`).
+fn no_addresses(e: &hickory_resolver::ResolveError) -> bool {
+    matches!(
+        e.proto().map(|p| p.kind()),
+        Some(ProtoErrorKind::NoRecordsFound {
+            response_code: ResponseCode::NoError | ResponseCode::NXDomain,
+            ..
+        })
+    )
 }
 
 /// IPv4-mapped IPv6 addresses are IPv4 addresses.

@@ -68,11 +68,17 @@ impl ControlProcess {
 
     /// Starts `serve --listen 127.0.0.1:0` as described and waits up to 30 s for the ready line.
     pub fn start_spec(spec: ControlSpec<'_>) -> ControlProcess {
+        Self::start_spec_at(spec, "127.0.0.1:0")
+    }
+
+    /// As [`ControlProcess::start_spec`] on a fixed `--listen` address, e.g. to restart a
+    /// control plane where its proxies will reconnect.
+    pub fn start_spec_at(spec: ControlSpec<'_>, listen: &str) -> ControlProcess {
         let cfg = spec.dir.join("control.toml");
         std::fs::write(&cfg, spec.config).expect("write control config");
         let token_file = spec.dir.join("control.token");
         let mut cmd = Command::new(&spec.bin);
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        cmd.args(["serve", "--listen", listen, "--config"])
             .arg(&cfg)
             .arg("--rules")
             .arg(spec.rules)

@@ -18,6 +18,8 @@ enum Entry {
     /// i-th query (per type) gets the i-th answer; the last repeats.
     Sequence(Vec<Vec<IpAddr>>),
     NxDomain,
+    /// RCODE 2 (SERVFAIL), no answers.
+    ServFail,
     Drop,
 }
 
@@ -26,6 +28,8 @@ struct State {
     table: HashMap<String, Entry>,
     /// (name, qtype) → queries seen.
     counts: HashMap<(String, u16), usize>,
+    /// TTL of every answer record (`None` = 1 s).
+    ttl: Option<u32>,
 }
 
 /// The running DNS server; stops on drop.
@@ -143,6 +147,21 @@ impl DnsServer {
             .insert(norm(name), Entry::NxDomain);
     }
 
+    /// `name` answers SERVFAIL (RCODE 2) to every query.
+    pub fn set_servfail(&self, name: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .table
+            .insert(norm(name), Entry::ServFail);
+    }
+
+    /// TTL of every answer record from now on (default 1 s). `0` makes a caching resolver look
+    /// the name up again for every request.
+    pub fn set_ttl(&self, secs: u32) {
+        self.state.lock().unwrap().ttl = Some(secs);
+    }
+
     /// Queries for `name` are never answered.
     pub fn set_drop(&self, name: &str) {
         self.state
@@ -237,14 +256,16 @@ fn parse_query(msg: &[u8]) -> Option<Query> {
 
 fn answer(state: &Mutex<State>, msg: &[u8]) -> Option<Vec<u8>> {
     let q = parse_query(msg)?;
-    let (rcode, addrs) = {
+    let (rcode, addrs, ttl) = {
         let mut st = state.lock().unwrap();
+        let ttl = st.ttl.unwrap_or(1);
         let count = st.counts.entry((q.name.clone(), q.qtype)).or_insert(0);
         let index = *count;
         *count += 1;
         match st.table.get(&q.name) {
-            None => (3u16, Vec::new()),
-            Some(Entry::NxDomain) => (3, Vec::new()),
+            None => (3u16, Vec::new(), ttl),
+            Some(Entry::NxDomain) => (3, Vec::new(), ttl),
+            Some(Entry::ServFail) => (2, Vec::new(), ttl),
             Some(Entry::Drop) => return None,
             Some(Entry::Sequence(seq)) => {
                 let set = &seq[index.min(seq.len() - 1)];
@@ -257,7 +278,7 @@ fn answer(state: &Mutex<State>, msg: &[u8]) -> Option<Vec<u8>> {
                         _ => false,
                     })
                     .collect();
-                (0, wanted)
+                (0, wanted, ttl)
             }
         }
     };
@@ -278,7 +299,7 @@ fn answer(state: &Mutex<State>, msg: &[u8]) -> Option<Vec<u8>> {
         };
         out.extend_from_slice(&t.to_be_bytes());
         out.extend_from_slice(&1u16.to_be_bytes());
-        out.extend_from_slice(&1u32.to_be_bytes());
+        out.extend_from_slice(&ttl.to_be_bytes());
         out.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
         out.extend_from_slice(&rdata);
     }

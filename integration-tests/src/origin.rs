@@ -565,3 +565,70 @@ pub fn truncated_response(ip: &str) -> Origin {
         }),
     )
 }
+
+/// What [`reset_mid_body`] sends before it resets the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Partial {
+    /// After reading a request: `200` with `content-length: 1048576` and 64 KiB of it.
+    ContentLength,
+    /// After reading a request: `200` chunked, one 64 KiB chunk and no terminating chunk.
+    Chunked,
+    /// Right after accepting, without reading anything (a tunnel target): 64 KiB of raw bytes.
+    Raw,
+}
+
+/// Bytes of body (or raw data) [`reset_mid_body`] sends before the reset.
+pub const PARTIAL_LEN: usize = 65536;
+
+/// Origin that sends a partial answer, then waits until the test adds a permit to the returned
+/// semaphore (one per connection, at most 30 s) and closes with `SO_LINGER` 0, so the kernel
+/// sends a TCP RST instead of a FIN: an origin that dies mid-stream.
+pub fn reset_mid_body(ip: &str, partial: Partial) -> (Origin, Arc<tokio::sync::Semaphore>) {
+    let trigger = Arc::new(tokio::sync::Semaphore::new(0));
+    let t = trigger.clone();
+    let origin = spawn(
+        ip,
+        Arc::new(move |mut s, _log| {
+            let t = t.clone();
+            Box::pin(async move {
+                let mut out = Vec::with_capacity(PARTIAL_LEN + 64);
+                match partial {
+                    Partial::Raw => {}
+                    Partial::ContentLength | Partial::Chunked => {
+                        let Some((head, more)) = read_head(&mut s).await else {
+                            return;
+                        };
+                        if read_body(&mut s, &head, more).await.is_none() {
+                            return;
+                        }
+                        if partial == Partial::Chunked {
+                            out.extend_from_slice(
+                                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                            );
+                            out.extend_from_slice(format!("{PARTIAL_LEN:x}\r\n").as_bytes());
+                        } else {
+                            out.extend_from_slice(
+                                b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n",
+                            );
+                        }
+                    }
+                }
+                out.extend_from_slice(&[b'r'; PARTIAL_LEN]);
+                if partial == Partial::Chunked {
+                    out.extend_from_slice(b"\r\n");
+                }
+                if s.write_all(&out).await.is_err() {
+                    return;
+                }
+                if let Ok(Ok(permit)) =
+                    tokio::time::timeout(Duration::from_secs(30), t.acquire()).await
+                {
+                    permit.forget();
+                }
+                let _ = s.set_zero_linger();
+                drop(s);
+            })
+        }),
+    );
+    (origin, trigger)
+}

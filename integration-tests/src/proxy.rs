@@ -96,6 +96,38 @@ pub fn proxy_bin() -> PathBuf {
     bin
 }
 
+/// `portcullis-control` built with the test-only `fault-injection` feature (crash and I/O-error
+/// hooks of the rules writer), in its own target directory `<target>/fault` so the normal
+/// binaries are left alone. Built once per test process.
+pub fn control_fault_bin() -> PathBuf {
+    static FAULT_BUILD: Once = Once::new();
+    let target = target_dir().join("fault");
+    FAULT_BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "-p",
+                "portcullis-control",
+                "--features",
+                "fault-injection",
+                "--target-dir",
+            ])
+            .arg(&target)
+            .current_dir(workspace_root())
+            .status()
+            .expect("run cargo build --features fault-injection");
+        assert!(status.success(), "fault-injection build failed");
+    });
+    let bin = target.join("debug").join("portcullis-control");
+    assert!(
+        bin.exists(),
+        "fault-injection binary missing at {}",
+        bin.display()
+    );
+    bin
+}
+
 /// Path to `portcullis-control` (built first if needed).
 pub fn control_bin() -> PathBuf {
     build_binaries();

@@ -5,13 +5,11 @@
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use portcullis::proto::v1;
 use portcullis_integration_tests::control::ControlSpec;
 use portcullis_integration_tests::origin::{http_echo, runtime};
-use portcullis_integration_tests::proxy::workspace_root;
 use portcullis_integration_tests::{ControlProcess, DnsServer, ProxyProcess, curl};
 
 const RULE_A: &str = r#"network_rule(host="a.test", protocol="https", decision="allow")"#;
@@ -105,31 +103,8 @@ fn concurrent_appenders_across_processes_lose_nothing() {
     assert_eq!(list_rules(&c).len(), 200);
 }
 
-/// `portcullis-control` built with the test-only `fault-injection` feature, in its own target
-/// directory so the normal binaries are left alone (only this crate's deps are rebuilt once).
 fn fault_bin() -> PathBuf {
-    let target = match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(d) if Path::new(&d).is_absolute() => PathBuf::from(d),
-        Some(d) => workspace_root().join(d),
-        None => workspace_root().join("target"),
-    }
-    .join("fault");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "-p",
-            "portcullis-control",
-            "--features",
-            "fault-injection",
-            "--target-dir",
-        ])
-        .arg(&target)
-        .current_dir(workspace_root())
-        .status()
-        .expect("run cargo build --features fault-injection");
-    assert!(status.success(), "fault-injection build failed");
-    target.join("debug").join("portcullis-control")
+    portcullis_integration_tests::proxy::control_fault_bin()
 }
 
 #[test]

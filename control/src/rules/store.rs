@@ -42,6 +42,40 @@ fn fault_at(_: &str) -> bool {
     false
 }
 
+/// The test-only `fault-injection` hook for I/O errors (disk full, read-only file system):
+/// `PORTCULLIS_FAULT_RULES_WRITE_ERROR_FILE` names a file holding `STEP:ERRNO`, with `STEP` one
+/// of `temp_create`, `write`, `fsync`, `rename`, `dir_fsync` and `ERRNO` one of `ENOSPC`,
+/// `EROFS`, `EIO`; that step then fails with that OS error. The file is read at every write, so
+/// a test can turn the fault on and off while the process runs; missing or empty = no fault.
+#[cfg(any(test, feature = "fault-injection"))]
+fn injected_error(step: &str) -> std::io::Result<()> {
+    let Some(path) = std::env::var_os("PORTCULLIS_FAULT_RULES_WRITE_ERROR_FILE") else {
+        return Ok(());
+    };
+    let Ok(spec) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let Some((at, errno)) = spec.trim().split_once(':') else {
+        return Ok(());
+    };
+    let code = match errno {
+        "ENOSPC" => libc::ENOSPC,
+        "EROFS" => libc::EROFS,
+        "EIO" => libc::EIO,
+        _ => return Ok(()),
+    };
+    if at == step {
+        Err(std::io::Error::from_raw_os_error(code))
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(not(any(test, feature = "fault-injection")))]
+fn injected_error(_: &str) -> std::io::Result<()> {
+    Ok(())
+}
+
 /// Aborts the process (no unwinding, no destructors: like a crash) when the hook names `step`.
 fn fault(step: &str) {
     if fault_at(step) {
@@ -123,6 +157,7 @@ fn atomic_write(target: &Path, bytes: &[u8]) -> Result<(), String> {
         random_hex()
     ));
     let write = || -> std::io::Result<()> {
+        injected_error("temp_create")?;
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -135,9 +170,16 @@ fn atomic_write(target: &Path, bytes: &[u8]) -> Result<(), String> {
             f.write_all(&bytes[..bytes.len() / 2])?;
             std::process::abort();
         }
+        if let Err(e) = injected_error("write") {
+            // A full disk: part of the data lands, then the write fails.
+            f.write_all(&bytes[..bytes.len() / 2])?;
+            return Err(e);
+        }
         f.write_all(bytes)?;
+        injected_error("fsync")?;
         f.sync_all()?;
         fault("after_fsync");
+        injected_error("rename")?;
         std::fs::rename(&tmp, target)?;
         fault("after_rename");
         Ok(())
@@ -146,7 +188,8 @@ fn atomic_write(target: &Path, bytes: &[u8]) -> Result<(), String> {
         let _ = std::fs::remove_file(&tmp);
         return Err(format!("cannot write rules file {}: {e}", target.display()));
     }
-    std::fs::File::open(dir)
+    injected_error("dir_fsync")
+        .and_then(|()| std::fs::File::open(dir))
         .and_then(|d| d.sync_all())
         .map_err(|e| format!("cannot sync {}: {e}", dir.display()))?;
     fault("after_dir_fsync");

@@ -160,7 +160,19 @@ pub async fn forward_allowed(
         *ctx.upstream.lock().await = Some(conn);
     }
     headers::strip_response(resp.headers_mut());
-    resp.map(|b| b.boxed())
+    // An origin that dies mid-body (TCP reset, or EOF before the declared length) shows up as an
+    // error frame of this body stream; hyper then aborts the client connection (short
+    // Content-Length body, no last chunk), so the client never sees a complete-looking answer.
+    // Count it here: `upstream_errors_total{kind="aborted"}` was defined for exactly this but
+    // never incremented, so such failures were invisible in /metrics (issue 12, faults.rs).
+    let shared = ctx.shared.clone();
+    resp.map(move |b| {
+        b.map_err(move |e| {
+            shared.metrics().upstream_error("aborted");
+            e
+        })
+        .boxed()
+    })
 }
 
 /// Opens the route through the upstream (parent) proxy: plain `http` goes as an absolute-form
