@@ -9,7 +9,7 @@ use portcullis::config::{Config, ControlEndpoint, Mode};
 use portcullis::policy::CompiledPolicy;
 use portcullis::proto::v1;
 use portcullis::proto::v1::data_plane_client::DataPlaneClient;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::report::ControlQueue;
 use tokio_stream::wrappers::ReceiverStream;
@@ -44,19 +44,42 @@ impl AttachConfig {
     }
 }
 
-/// Runs the attach loop forever; `first` fires once the first snapshot was applied (or with
-/// the first error, so startup can fail with a clear cause).
+/// How long a closing proxy waits for its last reports to reach the control plane.
+const CLOSE_FLUSH: Duration = Duration::from_secs(1);
+
+/// Runs the attach loop until `close` turns true; `first` fires once the first snapshot was
+/// applied (or with the first error, so startup can fail with a clear cause). On close the
+/// queued Decision reports are sent and the stream is ended cleanly, so the control plane has
+/// counted every one of them (exec's exit summary) before this returns; reports that cannot be
+/// sent are counted as dropped.
 pub async fn run(
     shared: Arc<Shared>,
     cfg: AttachConfig,
     decisions: Arc<ControlQueue>,
     first: oneshot::Sender<Result<(), String>>,
+    mut close: watch::Receiver<bool>,
 ) {
     let mut first = Some(first);
     let mut attempt: u32 = 0;
     loop {
-        let result = session(&shared, &cfg, &decisions, &mut first, &mut attempt).await;
+        // Closing while (re)connecting is bounded by the connect timeout and main's wait.
+        let result = session(
+            &shared,
+            &cfg,
+            &decisions,
+            &mut first,
+            &mut attempt,
+            &mut close,
+        )
+        .await;
         shared.metrics().set_control_connected(false);
+        let closing = *close.borrow();
+        if closing {
+            for _ in 0..decisions.len() {
+                shared.metrics().event_dropped(crate::report::Sink::Control);
+            }
+            return;
+        }
         match result {
             Err(e) => {
                 if let Some(tx) = first.take() {
@@ -69,8 +92,16 @@ pub async fn run(
         }
         let delay = backoff(cfg.initial, cfg.max, attempt);
         attempt = attempt.saturating_add(1);
-        tokio::time::sleep(delay).await;
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = closed(&mut close) => {}
+        }
     }
+}
+
+/// Resolves once `close` is true (the watch guard is not held across later awaits).
+async fn closed(close: &mut watch::Receiver<bool>) {
+    let _ = close.wait_for(|c| *c).await;
 }
 
 /// `min(max, initial · 2^n)` × uniform [0.5, 1.0].
@@ -86,6 +117,7 @@ async fn session(
     decisions: &ControlQueue,
     first: &mut Option<oneshot::Sender<Result<(), String>>>,
     attempt: &mut u32,
+    close: &mut watch::Receiver<bool>,
 ) -> Result<(), String> {
     let token = portcullis::secret::read_secret_file("control.token_file", &cfg.token_file)?;
     let auth: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = format!("Bearer {token}")
@@ -194,6 +226,9 @@ async fn session(
                     }
                 }
             }
+            _ = closed(close) => {
+                return finish(decisions, tx, &mut inbound).await;
+            }
             d = decisions.pop() => {
                 let msg = v1::ProxyMessage { msg: Some(v1::proxy_message::Msg::Decision(v1::Decision::from(&*d))) };
                 if tx.send(msg).await.is_err() {
@@ -204,6 +239,33 @@ async fn session(
             }
         }
     }
+}
+
+/// Sends the reports still queued, ends our half of the stream and waits (bounded) for the
+/// control plane to end its half, which it does only after handling every message we sent.
+async fn finish(
+    decisions: &ControlQueue,
+    tx: mpsc::Sender<v1::ProxyMessage>,
+    inbound: &mut tonic::Streaming<v1::ControlMessage>,
+) -> Result<(), String> {
+    let flushed = tokio::time::timeout(CLOSE_FLUSH, async {
+        while let Some(d) = decisions.try_pop() {
+            let msg = v1::ProxyMessage {
+                msg: Some(v1::proxy_message::Msg::Decision(v1::Decision::from(&*d))),
+            };
+            if tx.send(msg).await.is_err() {
+                decisions.requeue(d);
+                return;
+            }
+        }
+        drop(tx);
+        while let Ok(Some(_)) = inbound.message().await {}
+    })
+    .await;
+    if flushed.is_err() {
+        tracing::warn!("control plane did not confirm the last decision reports in time");
+    }
+    Ok(())
 }
 
 /// Compiles a snapshot off the request path and swaps it in with one atomic store.

@@ -231,13 +231,24 @@ async fn run(args: cli::Args, audit_slot: portcullis::telemetry::AuditSlot) -> E
         ));
     }
 
+    let mut control_task = None;
     if let (Some(cfg), Some(events)) = (attach, control_events) {
         let url = cfg.endpoint.to_string();
         let (first_tx, first_rx) = tokio::sync::oneshot::channel();
         shared.set_asker(std::sync::Arc::new(asker::Asker::new(
             shared.runtime().config.limits.max_pending_approvals as usize,
         )));
-        tokio::spawn(control_client::run(shared.clone(), cfg, events, first_tx));
+        let (close_tx, close_rx) = tokio::sync::watch::channel(false);
+        control_task = Some((
+            close_tx,
+            tokio::spawn(control_client::run(
+                shared.clone(),
+                cfg,
+                events,
+                first_tx,
+                close_rx,
+            )),
+        ));
         // The ready line waits for the first snapshot (control.md §9).
         match tokio::time::timeout(attach_timeout, first_rx).await {
             Ok(Ok(Ok(()))) => tracing::info!(%url, "attached to the control plane"),
@@ -301,6 +312,11 @@ async fn run(args: cli::Args, audit_slot: portcullis::telemetry::AuditSlot) -> E
     )
     .await;
     tasks.abort_all();
+    // The Decisions of the requests that just ended reach the control plane before we go.
+    if let Some((close, task)) = control_task {
+        let _ = close.send(true);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+    }
     if let Some(m) = &mitm {
         m.cleanup();
     }

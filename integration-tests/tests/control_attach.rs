@@ -1086,3 +1086,76 @@ fn policy_changes_resolve_pending_asks_and_wait_for_enforcement() {
         "{entry}"
     );
 }
+
+#[test]
+fn proxy_shutdown_delivers_every_queued_decision_report() {
+    let control = start_control("[approvals]\nenabled = false\n");
+    let token_file = control.dir.path().join("control.token");
+    let endpoint = format!("http://{}", control.grpc);
+    let mut proxy = ProxyProcess::start(
+        &[
+            "--control",
+            &endpoint,
+            "--control-token-file",
+            token_file.to_str().unwrap(),
+        ],
+        None,
+    );
+    let rt = runtime();
+    let token = control.token.clone();
+    let mut watch = rt.block_on(async {
+        let mut c = client(&control, Some(&token)).await;
+        c.watch_decisions(v1::WatchDecisionsRequest::default())
+            .await
+            .expect("WatchDecisions")
+            .into_inner()
+    });
+    // Pipelined bursts of denies on keep-alive connections from 4 threads, then SIGTERM at
+    // once: the reports still queued in the proxy must reach the control plane before it exits.
+    let per_thread = 250;
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let addr = proxy.http.clone();
+            std::thread::spawn(move || {
+                let mut s = portcullis_integration_tests::raw::connect(&addr);
+                let burst: String = (0..per_thread)
+                    .map(|i| {
+                        format!("GET http://n{t}-{i}.invalid/ HTTP/1.1\r\nHost: n{t}-{i}.invalid\r\n\r\n")
+                    })
+                    .collect();
+                std::io::Write::write_all(&mut s, burst.as_bytes()).unwrap();
+                for _ in 0..per_thread {
+                    let r = portcullis_integration_tests::raw::read_response(&mut s).unwrap();
+                    assert_eq!(r.status, 403);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    proxy.signal(libc::SIGTERM);
+    assert!(
+        proxy.wait_exit(Duration::from_secs(10)).is_some(),
+        "proxy exits"
+    );
+    let want = 4 * per_thread;
+    let got = rt.block_on(async {
+        let mut n = 0;
+        while n < want {
+            match tokio::time::timeout(Duration::from_secs(5), watch.message()).await {
+                Ok(Ok(Some(e))) => {
+                    if let Some(v1::decision_event::Event::Decision(d)) = e.event {
+                        assert_eq!(d.decision, "deny");
+                        n += 1;
+                    } else {
+                        panic!("unexpected event {e:?}");
+                    }
+                }
+                _ => break,
+            }
+        }
+        n
+    });
+    assert_eq!(got, want, "every deny reported before the proxy exited");
+}

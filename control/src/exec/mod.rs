@@ -99,8 +99,10 @@ async fn exec(args: ExecArgs, log: &str) -> Result<u8, Failure> {
         mitm_dir: mitm_dir.as_deref(),
         log,
     };
+    // The sidecar's own shutdown: connection grace, its last decision reports (at most 1 s,
+    // so the exit summary counts them), the audit flush, and a margin.
     let grace = Duration::from_millis(
-        config.limits.shutdown_grace_ms + config.audit.shutdown_timeout_ms + 1000,
+        config.limits.shutdown_grace_ms + config.audit.shutdown_timeout_ms + 2000,
     );
     let (mut sidecar, addresses) = match sidecar::Sidecar::start(launch).await {
         Ok(s) => s,

@@ -63,11 +63,16 @@ impl ControlQueue {
         loop {
             // Registered before the check so a push in between is not missed.
             let notified = self.ready.notified();
-            if let Some(d) = self.items.lock().ok().and_then(|mut q| q.pop_front()) {
+            if let Some(d) = self.try_pop() {
                 return d;
             }
             notified.await;
         }
+    }
+
+    /// The next report if one is waiting.
+    pub fn try_pop(&self) -> Option<Arc<Decision>> {
+        self.items.lock().ok().and_then(|mut q| q.pop_front())
     }
 
     /// Puts a report that could not be sent back at the front (it is the oldest).
