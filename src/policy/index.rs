@@ -78,10 +78,18 @@ pub struct PatternIndex {
 impl PatternIndex {
     /// Builds the index; duplicate texts collapse.
     pub fn build(patterns: impl IntoIterator<Item = Pattern>) -> PatternIndex {
-        let mut ix = PatternIndex::default();
-        let mut seen = std::collections::HashSet::new();
-        for p in patterns {
-            if seen.insert(p.text.clone()) {
+        let patterns: Vec<Pattern> = patterns.into_iter().collect();
+        // First occurrence of each text wins; decided by reference so no text is copied.
+        let keep: Vec<bool> = {
+            let mut seen = std::collections::HashSet::with_capacity(patterns.len());
+            patterns.iter().map(|p| seen.insert(p.text.as_str())).collect()
+        };
+        let mut ix = PatternIndex {
+            patterns: Vec::with_capacity(patterns.len()),
+            ..PatternIndex::default()
+        };
+        for (p, keep) in patterns.into_iter().zip(keep) {
+            if keep {
                 ix.insert(p);
             }
         }

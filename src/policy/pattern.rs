@@ -160,7 +160,12 @@ fn parse_host_part(raw: &str, host: &str, list: ListKind) -> Result<HostPattern,
     if host.contains(['/', '\\', '@', '#', '%', '[', ']']) {
         return Err(err("invalid character"));
     }
-    let lower = host.to_ascii_lowercase();
+    // Snapshot and config entries are normalised already: copy only when there is a capital.
+    let lower: std::borrow::Cow<'_, str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        host.to_ascii_lowercase().into()
+    } else {
+        host.into()
+    };
     let text = lower.strip_suffix('.').unwrap_or(&lower);
     if text.is_empty() {
         return Err(err("empty label"));
@@ -182,15 +187,15 @@ fn parse_host_part(raw: &str, host: &str, list: ListKind) -> Result<HostPattern,
     if text.contains("**") {
         return Err(err("** is only valid as the leading **."));
     }
-    let labels: Vec<&str> = text.split('.').collect();
-    if labels.iter().any(|l| l.is_empty()) {
+    if text.split('.').any(str::is_empty) {
         return Err(err("empty label"));
     }
-    let last = labels.last().copied().unwrap_or_default();
+    let last = text.rsplit('.').next().unwrap_or_default();
     if last.contains(['*', '?']) {
         return Err(err("the last label cannot contain a wildcard"));
     }
     if text.contains(['*', '?']) {
+        let labels: Vec<&str> = text.split('.').collect();
         if is_numeric_label(last) {
             return Err(err("the last label cannot be numeric"));
         }
