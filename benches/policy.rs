@@ -1,5 +1,6 @@
 //! Criterion bench `policy`: one name-stage decision with 10, 1,000 and 100,000 allow entries
-//! for exact, suffix, glob and CIDR hits and a miss; plus compiling 100,000 entries.
+//! for exact, suffix, glob and CIDR hits and a miss; plus compiling 100,000 entries and a
+//! 600-rule pushed snapshot.
 //! Goal (`policy.md` §6): under 1 µs for exact/suffix hits and misses, flat across sizes.
 
 use std::hint::black_box;
@@ -87,6 +88,19 @@ fn bench(c: &mut Criterion) {
     };
     compile.bench_function("100000_entries", |b| {
         b.iter(|| CompiledPolicy::compile(black_box(&spec)).map(|_| ()))
+    });
+    // What a data plane does per pushed snapshot (control.md §8.5): 600 exact rules, as the
+    // push-to-enforce example has after its 100-client rounds.
+    let snap = portcullis::proto::v1::PolicySnapshot {
+        allowed_domains: (0..600).map(|k| format!("c100-{k}.bench")).collect(),
+        ..Default::default()
+    };
+    compile.bench_function("snapshot_600_exact", |b| {
+        b.iter(|| {
+            let spec = portcullis::proto::SnapshotLists::policy_spec(black_box(&snap), true, false)
+                .map_err(|_| ());
+            spec.and_then(|s| CompiledPolicy::compile(&s).map(|_| ()).map_err(|_| ()))
+        })
     });
     compile.finish();
 }

@@ -16,15 +16,18 @@ struct Slot {
 }
 
 impl Slot {
-    fn insert(&mut self, port: Option<u16>, idx: u32) {
+    /// Records `idx` for `port`; false when the slot already has an entry for it (a duplicate).
+    fn insert(&mut self, port: Option<u16>, idx: u32) -> bool {
         match port {
+            None if self.any.is_some() => false,
             None => {
-                self.any.get_or_insert(idx);
+                self.any = Some(idx);
+                true
             }
+            Some(p) if self.ports.iter().any(|(q, _)| *q == p) => false,
             Some(p) => {
-                if !self.ports.iter().any(|(q, _)| *q == p) {
-                    self.ports.push((p, idx));
-                }
+                self.ports.push((p, idx));
+                true
             }
         }
     }
@@ -76,32 +79,27 @@ pub struct PatternIndex {
 }
 
 impl PatternIndex {
-    /// Builds the index; duplicate texts collapse.
+    /// Builds the index; duplicate entries (same host and port) collapse, the first one wins.
     pub fn build(patterns: impl IntoIterator<Item = Pattern>) -> PatternIndex {
-        let patterns: Vec<Pattern> = patterns.into_iter().collect();
-        // First occurrence of each text wins; decided by reference so no text is copied.
-        let keep: Vec<bool> = {
-            let mut seen = std::collections::HashSet::with_capacity(patterns.len());
-            patterns.iter().map(|p| seen.insert(p.text.as_str())).collect()
-        };
+        let patterns = patterns.into_iter();
         let mut ix = PatternIndex {
-            patterns: Vec::with_capacity(patterns.len()),
+            patterns: Vec::with_capacity(patterns.size_hint().0),
             ..PatternIndex::default()
         };
-        for (p, keep) in patterns.into_iter().zip(keep) {
-            if keep {
-                ix.insert(p);
-            }
+        for p in patterns {
+            ix.insert(p);
         }
         ix.cidr_v4.sort_by_key(|l| std::cmp::Reverse(l.0));
         ix.cidr_v6.sort_by_key(|l| std::cmp::Reverse(l.0));
         ix
     }
 
+    /// Adds `p` unless an entry with the same host and port is already there: the slot that
+    /// finds the duplicate is the dedupe, so building hashes each entry once.
     fn insert(&mut self, p: Pattern) {
         let idx = self.patterns.len() as u32;
         let port = p.port;
-        match &p.host {
+        let added = match &p.host {
             HostPattern::Global => self.global.insert(port, idx),
             HostPattern::Exact(n) => self.exact.entry(n.clone()).or_default().insert(port, idx),
             HostPattern::Suffix { base, apex: false } => {
@@ -110,32 +108,46 @@ impl PatternIndex {
             HostPattern::Suffix { base, apex: true } => {
                 self.apex.entry(base.clone()).or_default().insert(port, idx)
             }
-            HostPattern::Glob { labels, anchor } => self
-                .globs
-                .entry(anchor.clone())
-                .or_default()
-                .push(GlobEntry {
-                    labels: labels.clone().into_boxed_slice(),
-                    port,
-                    idx,
-                }),
-            HostPattern::Ip { addr, zone } => self.ips.entry(*addr).or_default().push(IpEntry {
-                zone: zone.clone(),
-                port,
-                idx,
-            }),
+            HostPattern::Glob { labels, anchor } => {
+                let bucket = self.globs.entry(anchor.clone()).or_default();
+                let dup = bucket
+                    .iter()
+                    .any(|g| g.port == port && g.labels[..] == labels[..]);
+                if !dup {
+                    bucket.push(GlobEntry {
+                        labels: labels.clone().into_boxed_slice(),
+                        port,
+                        idx,
+                    });
+                }
+                !dup
+            }
+            HostPattern::Ip { addr, zone } => {
+                let bucket = self.ips.entry(*addr).or_default();
+                let dup = bucket.iter().any(|e| e.port == port && e.zone == *zone);
+                if !dup {
+                    bucket.push(IpEntry {
+                        zone: zone.clone(),
+                        port,
+                        idx,
+                    });
+                }
+                !dup
+            }
             HostPattern::Cidr { net, prefix } => match net {
-                IpAddr::V4(v4) => {
-                    let level = level_mut(&mut self.cidr_v4, *prefix);
-                    level.entry(u32::from(*v4)).or_default().insert(port, idx);
-                }
-                IpAddr::V6(v6) => {
-                    let level = level_mut(&mut self.cidr_v6, *prefix);
-                    level.entry(u128::from(*v6)).or_default().insert(port, idx);
-                }
+                IpAddr::V4(v4) => level_mut(&mut self.cidr_v4, *prefix)
+                    .entry(u32::from(*v4))
+                    .or_default()
+                    .insert(port, idx),
+                IpAddr::V6(v6) => level_mut(&mut self.cidr_v6, *prefix)
+                    .entry(u128::from(*v6))
+                    .or_default()
+                    .insert(port, idx),
             },
+        };
+        if added {
+            self.patterns.push(p);
         }
-        self.patterns.push(p);
     }
 
     /// Number of entries.
