@@ -42,11 +42,20 @@ fn main() -> ExitCode {
         }
     };
     let audit_slot = portcullis::telemetry::init_logging(&args.log);
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // Default: one worker per CPU this process may run on (affinity-aware). With one worker a
+    // current-thread runtime serves every task on the main thread: no cross-thread wake-ups.
+    let workers = args.worker_threads.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        usize::from,
+    );
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
     builder.enable_all();
-    if let Some(n) = args.worker_threads {
-        builder.worker_threads(n as usize);
-    }
     let runtime = match builder.build() {
         Ok(r) => r,
         Err(e) => {

@@ -23,6 +23,8 @@ use crate::tunnel::{ByteSink, Transferred};
 const PIPE_SIZE: usize = 256 * 1024;
 /// Idle pipes kept for reuse (each is two descriptors and no memory while empty).
 const POOL_MAX: usize = 64;
+/// Bytes per user-space copy when no pipe can be had (on the stack: nothing kept when idle).
+const FALLBACK_CHUNK: usize = 16 * 1024;
 
 static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
 
@@ -108,20 +110,30 @@ impl Activity {
     }
 }
 
-/// One direction: `src` → pipe → `dst`, then a write-side shutdown of `dst` on EOF.
+/// Where a direction gets a pipe: the pool, or a test's failing source.
+type PipeSource = fn() -> io::Result<Pipe>;
+
+/// One direction: `src` → pipe → `dst`, then a write-side shutdown of `dst` on EOF. When no
+/// pipe can be had (descriptor limit), the burst moves through user space instead.
 async fn direction(
     src: &TcpStream,
     dst: &TcpStream,
     count: &(dyn Fn(u64) + Send + Sync),
     activity: &Activity,
+    take_pipe: PipeSource,
 ) -> io::Result<u64> {
     let mut total = 0u64;
     let mut pipe: Option<Pipe> = None;
     loop {
         src.readable().await?;
-        let p = match pipe.take() {
-            Some(p) => p,
-            None => Pipe::take()?,
+        let p = match pipe.take().map_or_else(take_pipe, Ok) {
+            Ok(p) => p,
+            Err(_) => {
+                if copy_burst(src, dst, count, activity, &mut total).await? {
+                    continue;
+                }
+                break;
+            }
         };
         let filled = src.try_io(Interest::READABLE, || {
             splice(src.as_raw_fd(), p.write.as_raw_fd(), PIPE_SIZE)
@@ -169,6 +181,40 @@ async fn direction(
     Ok(total)
 }
 
+/// Moves what `src` has now (up to one buffer) to `dst` through user space; false at EOF.
+async fn copy_burst(
+    src: &TcpStream,
+    dst: &TcpStream,
+    count: &(dyn Fn(u64) + Send + Sync),
+    activity: &Activity,
+    total: &mut u64,
+) -> io::Result<bool> {
+    let mut buf = [0u8; FALLBACK_CHUNK];
+    let n = match src.try_read(&mut buf) {
+        Ok(0) => return Ok(false),
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+        Err(e) => return Err(e),
+    };
+    activity.touch();
+    let mut sent = 0;
+    while sent < n {
+        dst.writable().await?;
+        match dst.try_write(&buf[sent..n]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(w) => {
+                sent += w;
+                *total += w as u64;
+                count(w as u64);
+                activity.touch();
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
 /// Relays between two TCP sockets until both directions finish, one fails, or nothing moves
 /// for `idle`. Same contract as [`crate::tunnel::relay`].
 pub async fn relay(
@@ -177,6 +223,16 @@ pub async fn relay(
     idle: Option<Duration>,
     sink: Arc<dyn ByteSink>,
 ) -> (Transferred, io::Result<()>) {
+    relay_with(client, server, idle, sink, Pipe::take).await
+}
+
+async fn relay_with(
+    client: &TcpStream,
+    server: &TcpStream,
+    idle: Option<Duration>,
+    sink: Arc<dyn ByteSink>,
+    take_pipe: PipeSource,
+) -> (Transferred, io::Result<()>) {
     let activity = Activity {
         start: tokio::time::Instant::now(),
         last_ms: AtomicU64::new(0),
@@ -184,8 +240,8 @@ pub async fn relay(
     let up_sink = sink.clone();
     let up_count = move |n| up_sink.upstream(n);
     let down_count = move |n| sink.downstream(n);
-    let up = direction(client, server, &up_count, &activity);
-    let down = direction(server, client, &down_count, &activity);
+    let up = direction(client, server, &up_count, &activity, take_pipe);
+    let down = direction(server, client, &down_count, &activity, take_pipe);
     tokio::pin!(up, down);
     let mut moved = Transferred::default();
     let (mut up_done, mut down_done) = (false, false);
@@ -230,17 +286,32 @@ mod tests {
         (a, b)
     }
 
+    fn no_pipe() -> io::Result<Pipe> {
+        Err(io::Error::from_raw_os_error(libc::EMFILE))
+    }
+
     #[tokio::test]
     async fn moves_bytes_both_ways_with_half_close() {
+        half_close_round_trip(Pipe::take).await;
+    }
+
+    #[tokio::test]
+    async fn without_pipes_falls_back_to_copying() {
+        // Descriptor limit reached: the tunnel still works, through user space.
+        half_close_round_trip(no_pipe).await;
+    }
+
+    async fn half_close_round_trip(take_pipe: PipeSource) {
         // user ⇄ (client | proxy | server) ⇄ origin
         let (mut user, client) = pair().await;
         let (server, mut origin) = pair().await;
         let relay = tokio::spawn(async move {
-            relay(
+            relay_with(
                 &client,
                 &server,
                 Some(Duration::from_secs(30)),
                 Arc::new(NoCount),
+                take_pipe,
             )
             .await
         });

@@ -75,7 +75,8 @@ fn connect_allowed_echo_round_trip() {
 fn connect_tunnel_64mib_sha256() {
     let sink = tcp_sink("127.0.0.1");
     let allow = format!("127.0.0.1:{}", sink.port());
-    let proxy = ProxyProcess::start(&["--allow", &allow], None);
+    // One worker = the current-thread runtime: the whole splice path on the main thread.
+    let proxy = ProxyProcess::start(&["--allow", &allow, "--worker-threads", "1"], None);
     let (mut s, r) = open_tunnel(&proxy, &allow);
     assert_established(&r);
     let data: Vec<u8> = (0..64usize << 20)

@@ -20,9 +20,21 @@ fn echo_proxy() -> (
     ProxyProcess,
     String,
 ) {
+    echo_proxy_with(&[])
+}
+
+fn echo_proxy_with(
+    extra: &[&str],
+) -> (
+    portcullis_integration_tests::origin::Origin,
+    ProxyProcess,
+    String,
+) {
     let origin = http_echo("127.0.0.1");
     let allow = format!("127.0.0.1:{}", origin.port());
-    let proxy = ProxyProcess::start(&["--allow", &allow, "--deny", "bad.test"], None);
+    let mut args = vec!["--allow", &allow, "--deny", "bad.test"];
+    args.extend_from_slice(extra);
+    let proxy = ProxyProcess::start(&args, None);
     (origin, proxy, allow)
 }
 
@@ -78,7 +90,8 @@ fn absolute_form_denied_not_allowed_and_local() {
 
 #[test]
 fn keepalive_reuses_connection() {
-    let (origin, proxy, allow) = echo_proxy();
+    // One worker = the current-thread runtime (`--worker-threads 1`, the per-core figure).
+    let (origin, proxy, allow) = echo_proxy_with(&["--worker-threads", "1"]);
     let url = format!("http://{allow}/a");
     let url2 = format!("http://{allow}/b");
     // One curl invocation, two URLs: curl reuses its proxy connection.
@@ -113,7 +126,7 @@ fn keepalive_reuses_connection() {
 
 #[test]
 fn pipelined_requests_answered_in_order() {
-    let (_origin, proxy, allow) = echo_proxy();
+    let (_origin, proxy, allow) = echo_proxy_with(&["--worker-threads", "1"]);
     let mut s = connect(&proxy.http);
     let req = format!(
         "GET http://{allow}/1 HTTP/1.1\r\nHost: {allow}\r\n\r\nGET http://other.test/ HTTP/1.1\r\nHost: other.test\r\n\r\nGET http://{allow}/3 HTTP/1.1\r\nHost: {allow}\r\n\r\n"
