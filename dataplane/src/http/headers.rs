@@ -3,19 +3,26 @@
 use http::HeaderMap;
 use http::header::{self, HeaderName};
 
-/// Headers that never cross the proxy, beyond those named by `Connection`.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authorization",
-    "proxy-authenticate",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "x-unix-socket",
+/// Headers that never cross the proxy, beyond those named by `Connection`. Names, not strings:
+/// removing by `&str` parses and hashes the text on every request.
+static HOP_BY_HOP: [HeaderName; 10] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("x-unix-socket"),
 ];
+
+/// The header that asks for unix-socket forwarding (`unix-sockets.md`); never forwarded.
+pub static X_UNIX_SOCKET: HeaderName = HeaderName::from_static("x-unix-socket");
+
+/// Set by the proxy on its own refusals; an origin must not be able to forge it.
+static X_PROXY_ERROR: HeaderName = HeaderName::from_static("x-proxy-error");
 
 /// Whether `Connection` names `upgrade` and `Upgrade` lists `websocket`.
 pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
@@ -60,7 +67,7 @@ pub fn strip_request(headers: &mut HeaderMap, keep_websocket: bool) {
 /// Removes hop-by-hop headers and every header an origin could use to forge a block.
 pub fn strip_response(headers: &mut HeaderMap) {
     strip_common(headers);
-    headers.remove("x-proxy-error");
+    headers.remove(&X_PROXY_ERROR);
 }
 
 fn strip_common(headers: &mut HeaderMap) {
@@ -74,8 +81,8 @@ fn strip_common(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
     }
     let portcullis: Vec<HeaderName> = headers
         .keys()

@@ -121,7 +121,7 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<Body> {
         head: req.method() == Method::HEAD,
         close: false,
     };
-    if req.headers().contains_key("x-unix-socket") {
+    if req.headers().contains_key(&headers::X_UNIX_SOCKET) {
         return crate::unix_socket::handle(ctx, req, opts).await;
     }
     if req.method() == Method::CONNECT {
