@@ -158,7 +158,10 @@ fn denylist_block_event() {
 #[test]
 fn allowlist_miss_event() {
     let recv = OtlpReceiver::grpc();
-    let proxy = ProxyProcess::start(&[], Some(&audit_config(&recv.endpoint(), "")));
+    let proxy = ProxyProcess::start(
+        &["--worker-threads", "1"],
+        Some(&audit_config(&recv.endpoint(), "")),
+    );
     let r = curl(&["-x", &proxy.http_url(), "http://api.example.test/x"]);
     assert_eq!(r.status, 403);
     let id = block_id(&r);
@@ -514,7 +517,9 @@ fn shutdown_flushes_buffered_events() {
         "[audit]\nendpoint = \"{}\"\nscheduled_delay_ms = 60000\n",
         recv.endpoint()
     );
-    let mut proxy = ProxyProcess::start(&[], Some(&cfg));
+    // One worker = the current-thread runtime: the export task and the blocking shutdown
+    // must still meet (a 1-CPU container gets this runtime by default).
+    let mut proxy = ProxyProcess::start(&["--worker-threads", "1"], Some(&cfg));
     deny_raw(&proxy, 5);
     proxy.signal(libc::SIGTERM);
     let status = proxy.wait_exit(WAIT).expect("exit");
