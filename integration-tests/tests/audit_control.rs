@@ -96,8 +96,13 @@ fn ask_then_override_allow_produce_two_events_and_approval_records() {
     assert_eq!(held.join().unwrap().status, 200);
 
     // Data plane: the `ask`, then the final allow carrying the ask id.
+    // The control plane's `portcullis.approval` record carries the same decision id and may
+    // arrive first: wait for the data plane's record by name.
     let first = recv
-        .wait_for_decision(&ask.decision_id, WAIT)
+        .wait_for(WAIT, |r| {
+            r.event_name == "portcullis.policy_decision"
+                && r.s("portcullis.decision.id") == Some(ask.decision_id.as_str())
+        })
         .expect("ask record");
     assert_eq!(first.attrs["network.policy.decision"], s("ask"));
     assert_eq!(first.attrs["network.policy.scope"], s("domain"));
