@@ -195,6 +195,18 @@ impl ControlProcess {
             MetadataValue::try_from(format!("Bearer {}", self.token)).expect("token is ASCII");
         ControlClient::with_interceptor(channel, Bearer(value))
     }
+
+    /// `GetStatus`, from a synchronous test.
+    pub fn status(&self) -> portcullis::proto::v1::ControlStatus {
+        crate::origin::runtime().block_on(async {
+            self.client()
+                .await
+                .get_status(portcullis::proto::v1::GetStatusRequest {})
+                .await
+                .expect("GetStatus")
+                .into_inner()
+        })
+    }
 }
 
 impl Drop for ControlProcess {

@@ -168,13 +168,7 @@ fn ask_then_override_allow_produce_two_events_and_approval_records() {
     // GetStatus counts the control plane's records: two emitted, both exported.
     let mut status = v1::ControlStatus::default();
     for _ in 0..200 {
-        status = runtime().block_on(async {
-            let mut c = control.client().await;
-            c.get_status(v1::GetStatusRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-        });
+        status = control.status();
         if status.audit_events_exported == 2 {
             break;
         }

@@ -536,17 +536,6 @@ fn allow_rule(host: &str) -> v1::AddRuleRequest {
     }
 }
 
-fn status(c: &ControlProcess) -> v1::ControlStatus {
-    runtime().block_on(async {
-        c.client()
-            .await
-            .get_status(v1::GetStatusRequest {})
-            .await
-            .expect("GetStatus")
-            .into_inner()
-    })
-}
-
 /// Three proxies attached; AddRule in a loop; the control plane is SIGKILLed mid-loop and
 /// restarted on the same state directory, rules file and address. The file parses and holds
 /// exactly the rules whose AddRule returned OK (plus at most the one in flight), every proxy
@@ -570,7 +559,7 @@ fn control_killed_during_snapshot_pushes_loses_no_acknowledged_rule() {
         )
     };
     let mut control = start();
-    let first_instance = status(&control).control_instance_id;
+    let first_instance = control.status().control_instance_id;
     let origin = http_echo("127.0.0.1");
     let dns = DnsServer::start();
     let proxy_cfg = format!(
@@ -661,7 +650,7 @@ fn control_killed_during_snapshot_pushes_loses_no_acknowledged_rule() {
             .rules
     });
     assert_eq!(listed.len(), want.len(), "the file parses with every line");
-    let st = status(&control);
+    let st = control.status();
     assert_ne!(st.control_instance_id, first_instance, "a new instance");
     assert_eq!(st.rules_error, "");
     eventually("all three proxies re-attached and in sync", || {
@@ -795,7 +784,7 @@ impl IoFault {
     /// Waits until the proxy has acked the control plane's current version.
     fn wait_in_sync(&self) {
         eventually("the proxy acked the current version", || {
-            let version = status(&self.control).version;
+            let version = self.control.status().version;
             let proxies = runtime().block_on(async {
                 self.control
                     .client()
@@ -886,7 +875,7 @@ fn rule_persist_io_errors_keep_the_file_intact_and_report() {
     let s = io_fault_setup(initial);
     let path = s.control.rules.clone();
     assert_eq!(s.request("ok.test").join().unwrap().status, 200);
-    let before = status(&s.control);
+    let before = s.control.status();
     assert_eq!(before.rules_count, 1);
 
     // Disk full in the middle of writing the temp file.
@@ -905,7 +894,7 @@ fn rule_persist_io_errors_keep_the_file_intact_and_report() {
         "old file intact"
     );
     assert!(s.temps().is_empty(), "no temp file left: {:?}", s.temps());
-    let st = status(&s.control);
+    let st = s.control.status();
     assert_eq!(
         (st.version, st.rules_count, st.rules_error.as_str()),
         (before.version, 1, ""),
@@ -983,7 +972,7 @@ fn rule_persist_io_errors_keep_the_file_intact_and_report() {
         "still intact"
     );
     assert!(s.temps().is_empty(), "{:?}", s.temps());
-    assert_eq!(status(&s.control).rules_count, 1);
+    assert_eq!(s.control.status().rules_count, 1);
 
     // The directory fsync fails after the rename: the error is returned, and memory matches
     // the disk (the rule is in the file, listed and enforced).
@@ -998,7 +987,7 @@ fn rule_persist_io_errors_keep_the_file_intact_and_report() {
             "{initial}\nnetwork_rule(host=\"eio.test\", protocol=\"http\", decision=\"allow\")\n"
         )
     );
-    assert_eq!(status(&s.control).rules_count, 2, "memory matches the disk");
+    assert_eq!(s.control.status().rules_count, 2, "memory matches the disk");
     s.wait_in_sync();
     assert_eq!(
         s.request("eio.test").join().unwrap().status,
@@ -1012,7 +1001,7 @@ fn rule_persist_io_errors_keep_the_file_intact_and_report() {
     assert!(r.added && r.enforced, "{r:?}");
     assert_eq!(s.request("after.test").join().unwrap().status, 200);
     assert!(s.temps().is_empty(), "{:?}", s.temps());
-    assert_eq!(status(&s.control).rules_count, 3);
+    assert_eq!(s.control.status().rules_count, 3);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1122,12 +1111,12 @@ fn control_audit_stall_keeps_answers_flowing_and_counts_drops() {
     }
     // One `portcullis.approval` per answered ask. (AddRule emits nothing yet: the
     // `portcullis.rule_change` event of audit.md §3 is not implemented.)
-    let st = status(&control);
+    let st = control.status();
     assert!(st.audit_events_total >= u64::from(asks), "{st:?}");
     eventually(
         "idle: every record dropped and counted (total = exported + dropped)",
         || {
-            let st = status(&control);
+            let st = control.status();
             st.audit_events_exported == 0
                 && st.audit_events_dropped > 0
                 && st.audit_events_total == st.audit_events_dropped

@@ -39,17 +39,6 @@ fn list_rules(c: &ControlProcess) -> Vec<v1::RuleEntry> {
     })
 }
 
-fn status(c: &ControlProcess) -> v1::ControlStatus {
-    runtime().block_on(async {
-        c.client()
-            .await
-            .get_status(v1::GetStatusRequest {})
-            .await
-            .expect("GetStatus")
-            .into_inner()
-    })
-}
-
 #[test]
 fn concurrent_appenders_across_processes_lose_nothing() {
     let tmp = tempfile::tempdir().unwrap();
@@ -284,7 +273,7 @@ fn edit(path: &Path, text: &str) {
 #[test]
 fn external_edit_is_reloaded_and_pushed() {
     let s = setup(None, &format!("{RULE_A}\n"));
-    let version = status(&s.control).version;
+    let version = s.control.status().version;
     // Not allowed yet: the miss asks; deny it so nothing is left pending.
     let h = s.request("edit.test");
     let ask = s.wait_pending();
@@ -313,7 +302,7 @@ fn external_edit_is_reloaded_and_pushed() {
     eventually("the edited rule is enforced by the proxy", || {
         s.request("edit.test").join().unwrap().status == 200
     });
-    let st = status(&s.control);
+    let st = s.control.status();
     assert!(st.version > version, "a new policy version: {st:?}");
     assert_eq!((st.rules_count, st.rules_error.as_str()), (2, ""));
     let rules = list_rules(&s.control);
@@ -334,7 +323,7 @@ fn invalid_external_edit_keeps_last_good_rules_and_blocks_writes() {
     let position = format!("{}:2:", path.display());
     let expected = format!("{position}44: missing required argument \"decision\"");
     eventually("GetStatus reports the parse error", || {
-        status(&s.control).rules_error == expected
+        s.control.status().rules_error == expected
     });
     // The last good rules stay in force.
     assert_eq!(s.request("edit.test").join().unwrap().status, 200);
@@ -383,7 +372,7 @@ fn invalid_external_edit_keeps_last_good_rules_and_blocks_writes() {
     // Fixed by hand: the error clears and writes work again.
     edit(&path, &good);
     eventually("the error clears", || {
-        status(&s.control).rules_error.is_empty()
+        s.control.status().rules_error.is_empty()
     });
     let r = runtime()
         .block_on(async {
