@@ -1,5 +1,6 @@
 //! Control-plane audit: the OTLP pipeline of `portcullis-control` and the
-//! `portcullis.approval` record (`audit.md` §3), over the shared `portcullis::telemetry`.
+//! `portcullis.approval` and `portcullis.rule_change` records (`audit.md` §3), over the shared
+//! `portcullis::telemetry`.
 
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -128,5 +129,62 @@ pub fn approval(ask: &v1::PendingAsk, r: &Resolution<'_>) {
         ask.port,
         ask.protocol,
         r.actor
+    );
+}
+
+/// One change of the rules file (`portcullis.rule_change`, `audit.md` §3).
+pub struct RuleChange<'a> {
+    /// `add`, `remove` or `reload`.
+    pub action: &'static str,
+    /// `api`, `approval` or `file`.
+    pub origin: &'static str,
+    /// The rule's host and port (0 = any); `None` for `reload`.
+    pub target: Option<(&'a str, u16)>,
+    /// The added rule's protocol and decision (`add` only).
+    pub rule: Option<(&'a str, &'a str)>,
+    /// Lines added, removed or changed.
+    pub count: usize,
+    /// Who made the change (`system` for a file edit).
+    pub actor: &'a str,
+    /// The caller's address (`unknown` for `system`).
+    pub client_address: &'a str,
+    /// Policy version carrying the change.
+    pub policy_version: u64,
+}
+
+/// Emits one `portcullis.rule_change` record.
+pub fn rule_change(c: &RuleChange<'_>) {
+    let now = SystemTime::now();
+    let count = i64::try_from(c.count).unwrap_or(i64::MAX);
+    let body = match (c.target, c.rule) {
+        (Some((host, port)), Some((protocol, decision))) => {
+            format!(
+                "{} {decision} {host}:{port} ({protocol}) by {}",
+                c.action, c.actor
+            )
+        }
+        (Some((host, port)), None) => format!("{} {host}:{port} by {}", c.action, c.actor),
+        _ => format!("{} ({count} lines) by {}", c.action, c.actor),
+    };
+    tracing::event!(
+        name: "portcullis.rule_change",
+        target: "portcullis::audit",
+        tracing::Level::INFO,
+        {
+            "event.name" = "portcullis.rule_change",
+            "event.timestamp" = format_timestamp(now).as_str(),
+            "portcullis.rule.action" = c.action,
+            "portcullis.rule.origin" = c.origin,
+            "server.address" = c.target.map(|(h, _)| h),
+            "server.port" = c.target.map(|(_, p)| i64::from(p)),
+            "portcullis.rule.protocol" = c.rule.map(|(p, _)| p),
+            "portcullis.rule.decision" = c.rule.map(|(_, d)| d),
+            "portcullis.rule.count" = count,
+            "portcullis.approval.actor" = c.actor,
+            "client.address" = c.client_address,
+            "portcullis.policy.version" = i64::try_from(c.policy_version).unwrap_or(i64::MAX),
+        },
+        "{}",
+        body
     );
 }

@@ -153,10 +153,20 @@ impl Services {
         self.set_rules_error(error);
         match loaded {
             Ok(Ok(rules)) => {
-                let changed = self.rules.lock().map(|cur| *cur != rules).unwrap_or(true);
-                if changed {
+                let previous = self.rules.lock().map(|cur| cur.clone()).ok();
+                if previous.as_ref() != Some(&rules) {
                     let version = self.state.set_rules(&crate::rules::compile(&rules)).await;
                     tracing::info!(rules = rules.len(), version, "rules file reloaded");
+                    crate::audit::rule_change(&crate::audit::RuleChange {
+                        action: "reload",
+                        origin: "file",
+                        target: None,
+                        rule: None,
+                        count: lines_changed(previous.as_deref().unwrap_or_default(), &rules),
+                        actor: "system",
+                        client_address: "unknown",
+                        policy_version: version,
+                    });
                     if let Ok(mut cur) = self.rules.lock() {
                         *cur = rules;
                     }
@@ -182,10 +192,12 @@ impl Services {
     async fn persist(
         &self,
         rule: crate::rules::Rule,
+        by: ChangeSource<'_>,
     ) -> Result<(bool, u64, Vec<crate::rules::Rule>), String> {
         let path = self.rules_path.clone();
+        let line = rule.clone();
         let written =
-            tokio::task::spawn_blocking(move || crate::rules::store::append(&path, &rule))
+            tokio::task::spawn_blocking(move || crate::rules::store::append(&path, &line))
                 .await
                 .map_err(|e| format!("rules writer failed: {e}"))
                 .and_then(|r| r);
@@ -208,8 +220,38 @@ impl Services {
         if let Ok(mut r) = self.rules.lock() {
             r.clone_from(&rules);
         }
+        if added {
+            crate::audit::rule_change(&crate::audit::RuleChange {
+                action: "add",
+                origin: by.origin,
+                target: Some((&rule.host, rule.port.unwrap_or(0))),
+                rule: Some((&rule.protocol, &rule.decision)),
+                count: 1,
+                actor: by.actor,
+                client_address: by.client,
+                policy_version: version,
+            });
+        }
         Ok((added, version, rules))
     }
+}
+
+/// Who asked for a rules-file change, for its `portcullis.rule_change` record.
+#[derive(Clone, Copy)]
+struct ChangeSource<'a> {
+    /// `api` or `approval`.
+    origin: &'static str,
+    actor: &'a str,
+    client: &'a str,
+}
+
+/// Lines in one rule list and not the other: what a reload changed.
+fn lines_changed(old: &[crate::rules::Rule], new: &[crate::rules::Rule]) -> usize {
+    let text = |rules: &[crate::rules::Rule]| -> std::collections::HashSet<String> {
+        rules.iter().map(crate::rules::Rule::canonical).collect()
+    };
+    let (a, b) = (text(old), text(new));
+    a.symmetric_difference(&b).count()
 }
 
 /// `ask_` + 16 lowercase hex.
@@ -489,7 +531,12 @@ impl Control for Services {
                 // Persist first: the new snapshot reaches the proxies before the answer.
                 let ask = self.approvals.get(&r.pending_id)?;
                 let rule = always_rule(&ask, true, r.justification.clone(), &actor);
-                match self.persist(rule).await {
+                let by = ChangeSource {
+                    origin: "approval",
+                    actor: &actor,
+                    client: &peer,
+                };
+                match self.persist(rule, by).await {
                     Ok(_) => (v1::Outcome::AllowAlways, None),
                     Err(e) => {
                         tracing::error!(
@@ -555,7 +602,12 @@ impl Control for Services {
             Ok(v1::ApprovalScope::Always) => {
                 let ask = self.approvals.get(&r.pending_id)?;
                 let rule = always_rule(&ask, false, r.justification.clone(), &actor);
-                match self.persist(rule).await {
+                let by = ChangeSource {
+                    origin: "approval",
+                    actor: &actor,
+                    client: &peer,
+                };
+                match self.persist(rule, by).await {
                     Ok(_) => (v1::Outcome::DenyAlways, None),
                     Err(e) => {
                         tracing::error!("could not persist rule: {e}; applying as deny_once only");
@@ -757,8 +809,10 @@ impl Control for Services {
         request: Request<v1::AddRuleRequest>,
     ) -> Result<Response<v1::AddRuleResponse>, Status> {
         let deadline = crate::reevaluate::request_deadline(&request);
+        let peer = peer_label(&request);
         let r = request.into_inner();
         let rule = rule_from_request(&r)?;
+        let actor = actor_of(r.actor.clone())?;
         // Deny rules are always accepted; allows must respect the requirements.
         if rule.decision == "allow" {
             self.state
@@ -767,8 +821,13 @@ impl Control for Services {
                 .map_err(Status::failed_precondition)?;
         }
         let line = rule.canonical();
+        let by = ChangeSource {
+            origin: "api",
+            actor: &actor,
+            client: &peer,
+        };
         let (added, version, rules) = self
-            .persist(rule)
+            .persist(rule, by)
             .await
             .map_err(Status::failed_precondition)?;
         if added {
@@ -805,7 +864,9 @@ impl Control for Services {
         request: Request<v1::RemoveRuleRequest>,
     ) -> Result<Response<v1::RemoveRuleResponse>, Status> {
         let deadline = crate::reevaluate::request_deadline(&request);
+        let peer = peer_label(&request);
         let r = request.into_inner();
+        let actor = actor_of(r.actor.clone())?;
         let host = crate::rules::host::parse_host(&r.host)
             .map_err(|m| Status::invalid_argument(format!("host: {m}")))?;
         let port = match r.port {
@@ -843,6 +904,16 @@ impl Control for Services {
         if let Ok(mut cur) = self.rules.lock() {
             *cur = rules;
         }
+        crate::audit::rule_change(&crate::audit::RuleChange {
+            action: "remove",
+            origin: "api",
+            target: Some((&host.host, port.unwrap_or(0))),
+            rule: None,
+            count: removed,
+            actor: &actor,
+            client_address: &peer,
+            policy_version: version,
+        });
         self.resolve_asks_by_policy().await;
         let (enforced, lagging_proxies) = self
             .enforcement(r.wait_for_enforcement, version, None, deadline)

@@ -57,7 +57,7 @@ fn ask_then_override_allow_produce_two_events_and_approval_records() {
     );
     let origin = http_echo("127.0.0.1");
     let dns = DnsServer::start();
-    for name in ["app.test", "late.test"] {
+    for name in ["app.test", "late.test", "always.test"] {
         dns.set(name, &["127.0.0.1".parse().unwrap()]);
     }
     let (_dir, control) = start_control(&format!(
@@ -165,11 +165,49 @@ fn ask_then_override_allow_produce_two_events_and_approval_records() {
     assert_eq!(e.attrs["client.address"], s("unknown"));
     assert!(!e.attrs.contains_key("portcullis.approval.justification"));
 
-    // GetStatus counts the control plane's records: two emitted, both exported.
+    // 3. Allowed always: the approval says the rule was persisted, and the rules file change
+    // has its own record, origin `approval`.
+    let px = proxy.http_url();
+    let url = format!("http://always.test:{}/", origin.port());
+    let held = std::thread::spawn(move || curl(&["-x", &px, &url]));
+    let always = pending(&control, 1)
+        .into_iter()
+        .find(|a| a.host == "always.test")
+        .expect("always ask");
+    runtime().block_on(async {
+        let mut c = control.client().await;
+        c.approve(v1::ApproveRequest {
+            pending_id: always.id.clone(),
+            scope: v1::ApprovalScope::Always as i32,
+            actor: Some("reviewer".into()),
+            ..Default::default()
+        })
+        .await
+        .expect("Approve always");
+    });
+    assert_eq!(held.join().unwrap().status, 200);
+    let a = approval_for(&recv, &always.id);
+    assert_eq!(a.attrs["portcullis.approval.outcome"], s("allow_always"));
+    assert_eq!(a.attrs["portcullis.rule.persisted"], Val::Bool(true));
+    let rc = recv
+        .wait_for(WAIT, |r| r.event_name == "portcullis.rule_change")
+        .expect("rule_change record");
+    assert_eq!(rc.attrs["portcullis.rule.action"], s("add"));
+    assert_eq!(rc.attrs["portcullis.rule.origin"], s("approval"));
+    assert_eq!(rc.attrs["server.address"], s("always.test"));
+    assert_eq!(rc.attrs["server.port"], Val::Int(i64::from(origin.port())));
+    assert_eq!(rc.attrs["portcullis.rule.decision"], s("allow"));
+    assert_eq!(rc.attrs["portcullis.approval.actor"], s("reviewer"));
+    assert_eq!(
+        rc.attrs["portcullis.policy.version"],
+        a.attrs["portcullis.policy.version"]
+    );
+
+    // GetStatus counts the control plane's records: four emitted, all exported.
     let mut status = v1::ControlStatus::default();
     for _ in 0..200 {
         status = control.status();
-        if status.audit_events_exported == 2 {
+        if status.audit_events_exported == 4 {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -180,7 +218,7 @@ fn ask_then_override_allow_produce_two_events_and_approval_records() {
             status.audit_events_exported,
             status.audit_events_dropped
         ),
-        (2, 2, 0)
+        (4, 4, 0)
     );
 }
 
@@ -237,4 +275,118 @@ fn decision_id_is_the_same_on_every_surface() {
     let rec = recv.wait_for_decision(&id, WAIT).expect("audit record");
     assert_eq!(rec.attrs["network.policy.reason"], s("not_allowed"));
     assert_eq!(rec.s("portcullis.proxy.id"), Some(d.proxy_id.as_str()));
+}
+
+fn rule_changes(recv: &OtlpReceiver) -> Vec<Record> {
+    recv.records()
+        .into_iter()
+        .filter(|r| r.event_name == "portcullis.rule_change")
+        .collect()
+}
+
+fn rule_change(recv: &OtlpReceiver, action: &str) -> Record {
+    recv.wait_for(WAIT, |r| {
+        r.event_name == "portcullis.rule_change" && r.s("portcullis.rule.action") == Some(action)
+    })
+    .unwrap_or_else(|| panic!("no {action} rule_change record: {:?}", recv.records()))
+}
+
+/// audit.md §3 `portcullis.rule_change`: one record per change of the rules file — `add` and
+/// `remove` through the API (a duplicate add writes nothing and emits nothing), `reload` after
+/// a hand edit, each with the version that carries it.
+#[test]
+fn rule_change_event_on_add_remove_and_reload() {
+    let recv = OtlpReceiver::grpc();
+    let (dir, control) = start_control(&format!(
+        "[audit]\nendpoint = \"{}\"\nscheduled_delay_ms = 100\n",
+        recv.endpoint()
+    ));
+    let add = || {
+        runtime().block_on(async {
+            control
+                .client()
+                .await
+                .add_rule(v1::AddRuleRequest {
+                    host: "added.test".into(),
+                    protocol: "http".into(),
+                    decision: "allow".into(),
+                    port: 8080,
+                    actor: Some("ci-bot".into()),
+                    ..Default::default()
+                })
+                .await
+                .expect("AddRule")
+                .into_inner()
+        })
+    };
+    let first = add();
+    assert!(first.added);
+    let rec = rule_change(&recv, "add");
+    assert_eq!(rec.s("portcullis.rule.origin"), Some("api"));
+    assert_eq!(rec.s("server.address"), Some("added.test"));
+    assert_eq!(rec.attrs["server.port"], Val::Int(8080));
+    assert_eq!(rec.s("portcullis.rule.protocol"), Some("http"));
+    assert_eq!(rec.s("portcullis.rule.decision"), Some("allow"));
+    assert_eq!(rec.attrs["portcullis.rule.count"], Val::Int(1));
+    assert_eq!(rec.s("portcullis.approval.actor"), Some("ci-bot"));
+    assert_eq!(rec.s("client.address"), Some("127.0.0.1"));
+    assert_eq!(
+        rec.attrs["portcullis.policy.version"],
+        Val::Int(first.policy_version as i64)
+    );
+    assert!(!add().added, "the same line is not written twice");
+
+    let removed = runtime().block_on(async {
+        control
+            .client()
+            .await
+            .remove_rule(v1::RemoveRuleRequest {
+                host: "added.test".into(),
+                port: 8080,
+                ..Default::default()
+            })
+            .await
+            .expect("RemoveRule")
+            .into_inner()
+    });
+    let rec = rule_change(&recv, "remove");
+    assert_eq!(rec.s("server.address"), Some("added.test"));
+    assert_eq!(rec.attrs["server.port"], Val::Int(8080));
+    assert_eq!(rec.attrs["portcullis.rule.count"], Val::Int(1));
+    assert_eq!(rec.s("portcullis.approval.actor"), Some("api"));
+    assert!(!rec.attrs.contains_key("portcullis.rule.protocol"));
+    assert_eq!(
+        rec.attrs["portcullis.policy.version"],
+        Val::Int(removed.policy_version as i64)
+    );
+
+    // A hand edit, picked up on SIGHUP: two lines added.
+    let path = dir.path().join("portcullis.rules");
+    let mut text = std::fs::read_to_string(&path).unwrap_or_default();
+    text.push_str("network_rule(host=\"one.test\", protocol=\"http\", decision=\"allow\")\n");
+    text.push_str("network_rule(host=\"two.test\", protocol=\"https\", decision=\"deny\")\n");
+    // Replaced in one step, so the file watcher never sees a half-written file.
+    let tmp = dir.path().join("edit.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    control.signal(libc::SIGHUP);
+    let rec = rule_change(&recv, "reload");
+    assert_eq!(rec.s("portcullis.rule.origin"), Some("file"));
+    assert_eq!(rec.attrs["portcullis.rule.count"], Val::Int(2));
+    assert_eq!(rec.s("portcullis.approval.actor"), Some("system"));
+    assert_eq!(rec.s("client.address"), Some("unknown"));
+    assert!(!rec.attrs.contains_key("server.address"));
+    assert_eq!(
+        rec.attrs["portcullis.policy.version"],
+        Val::Int(control.status().version as i64)
+    );
+    let actions: Vec<String> = rule_changes(&recv)
+        .iter()
+        .filter_map(|r| r.s("portcullis.rule.action").map(str::to_string))
+        .collect();
+    assert_eq!(
+        actions,
+        ["add", "remove", "reload"],
+        "one record per change"
+    );
 }
