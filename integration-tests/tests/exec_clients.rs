@@ -1,6 +1,7 @@
-//! Real clients through `exec`'s environment (env.md test 12): git over HTTP, pip from a
-//! loopback simple index and npm from a loopback registry — each allowed once and blocked once.
-//! Origins are `python3 -m http.server` on loopback serving files made by the test.
+//! Real clients through `exec`'s environment (env.md tests 9 and 12): git over HTTP and over
+//! ssh (through `GIT_SSH_COMMAND` and the SOCKS5 listener), pip from a loopback simple index and
+//! npm from a loopback registry — each allowed once and blocked once. Origins are
+//! `python3 -m http.server` and an sshd of the test's own, on loopback.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -67,6 +68,11 @@ fn setup(dir: &Path, good: &str, bad: &str) -> (DnsServer, std::path::PathBuf) {
 }
 
 fn exec(cfg: &Path, dir: &Path, command: &[&str]) -> Output {
+    exec_env(cfg, dir, command, &[])
+}
+
+/// `exec` with extra environment variables for the command; bounded to 120 s.
+fn exec_env(cfg: &Path, dir: &Path, command: &[&str], env: &[(&str, &str)]) -> Output {
     let mut child = Command::new(control_bin())
         .arg("exec")
         .arg("--config")
@@ -80,7 +86,10 @@ fn exec(cfg: &Path, dir: &Path, command: &[&str]) -> Output {
         .env("PIP_CACHE_DIR", dir.join("pip-cache"))
         .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
         .env("GIT_TERMINAL_PROMPT", "0")
+        .env_remove("GIT_SSH_COMMAND")
+        .env_remove("GIT_SSH")
         .env_remove("PORTCULLIS_LOG")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -302,5 +311,138 @@ fn npm_view_from_loopback_registry_allowed_and_blocked() {
             "portcullis: blocked blocked-npm.test:{port} (http): denied x"
         )),
         "{all}"
+    );
+}
+
+/// An sshd of the test's own on 127.0.0.1 (own host key, config and port), killed on drop.
+struct Sshd {
+    child: Child,
+    port: u16,
+}
+
+impl Sshd {
+    /// Starts `/usr/sbin/sshd` accepting `client_pub` for the current user.
+    fn start(dir: &Path, client_pub: &Path) -> Sshd {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        sh(
+            dir,
+            "ssh-keygen -q -t ed25519 -N '' -f sshd_host_key -C host",
+        );
+        // Run as root, sshd wants its privilege-separation directory (the package creates it).
+        if Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| text(&o.stdout).trim() == "0")
+        {
+            std::fs::create_dir_all("/run/sshd").unwrap();
+        }
+        let config = dir.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "ListenAddress 127.0.0.1:{port}\nHostKey {}\nAuthorizedKeysFile {}\nPidFile {}\n\
+                 UsePAM no\nStrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+                 PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nLogLevel ERROR\n",
+                dir.join("sshd_host_key").display(),
+                client_pub.display(),
+                dir.join("sshd.pid").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("openssh-server (/usr/sbin/sshd) is needed for the git-over-ssh test");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "sshd did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Sshd { child, port }
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// env.md test 9: exec's `GIT_SSH_COMMAND` takes `git ls-remote` over ssh through the SOCKS5
+/// listener (the name only resolves through the proxy's DNS, so success means it went through
+/// the helper); a denied host makes the helper print the refusal and git fail.
+#[test]
+fn git_ssh_command_set_and_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sh(
+        d,
+        "git init -q -b main src && cd src && echo hello > README && git add README && \
+         git -c user.name=t -c user.email=t@t commit -q -m one && cd .. && \
+         git clone -q --bare src repo.git && \
+         ssh-keygen -q -t ed25519 -N '' -f client_key -C client",
+    );
+    let sshd = Sshd::start(d, &d.join("client_key.pub"));
+    // The ssh exec's GIT_SSH_COMMAND names is found on PATH: a wrapper adds this test's client
+    // key and host-key settings with -F; the ProxyCommand stays exec's.
+    let bin = d.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::write(
+        d.join("ssh_config"),
+        format!(
+            "Host *\n  IdentityFile {}\n  IdentitiesOnly yes\n  StrictHostKeyChecking no\n  \
+             UserKnownHostsFile /dev/null\n  BatchMode yes\n  LogLevel ERROR\n",
+            d.join("client_key").display()
+        ),
+    )
+    .unwrap();
+    let wrapper = bin.join("ssh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec /usr/bin/ssh -F '{}' \"$@\"\n",
+            d.join("ssh_config").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let user = Command::new("id").arg("-un").output().unwrap();
+    let user = text(&user.stdout).trim().to_string();
+    let (_dns, cfg) = setup(d, "ssh-git.test", "blocked-ssh.test");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let repo = d.join("repo.git");
+    let ls_remote = |host: &str| {
+        let url = format!("ssh://{user}@{host}:{}{}", sshd.port, repo.display());
+        let out = exec_env(&cfg, d, &["git", "ls-remote", &url], &[("PATH", &path)]);
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let (code, stdout, stderr) = ls_remote("ssh-git.test");
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("refs/heads/main"), "{stdout}\n{stderr}");
+
+    let (code, _, stderr) = ls_remote("blocked-ssh.test");
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "portcullis: SOCKS5 proxy refused blocked-ssh.test:{} (reply 0x02: blocked by network policy)",
+            sshd.port
+        )),
+        "{stderr}"
     );
 }
