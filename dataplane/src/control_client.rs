@@ -3,6 +3,7 @@
 //! backoff while keeping the last snapshot.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use portcullis::config::{Config, ControlEndpoint, Mode};
@@ -12,6 +13,7 @@ use portcullis::proto::v1::data_plane_client::DataPlaneClient;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::report::ControlQueue;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::state::{Runtime, Settings, Shared};
@@ -137,6 +139,20 @@ async fn session(
         })
         .max_decoding_message_size(16 * 1024 * 1024);
     let (tx, rx) = mpsc::channel::<v1::ProxyMessage>(256);
+    // Decision reports handed to the stream but not yet taken by the transport: if the stream
+    // is lost they are gone, so they are counted as dropped when this session ends. (One the
+    // transport took but had not written yet cannot be seen from here.)
+    let unsent = Arc::new(Unsent {
+        shared: shared.clone(),
+        count: AtomicU64::new(0),
+    });
+    let taken = unsent.clone();
+    let outbound = ReceiverStream::new(rx).map(move |m| {
+        if matches!(m.msg, Some(v1::proxy_message::Msg::Decision(_))) {
+            taken.count.fetch_sub(1, Ordering::Relaxed);
+        }
+        m
+    });
     let bound = shared.bound();
     let hello = v1::Hello {
         protocol_version: 1,
@@ -154,7 +170,7 @@ async fn session(
     .await
     .map_err(|_| "stream closed".to_string())?;
     let mut inbound = client
-        .attach(ReceiverStream::new(rx))
+        .attach(outbound)
         .await
         .map_err(|s| format!("{}: {}", s.code(), s.message()))?
         .into_inner();
@@ -227,16 +243,35 @@ async fn session(
                 }
             }
             _ = closed(close) => {
-                return finish(decisions, tx, &mut inbound).await;
+                return finish(decisions, tx, &mut inbound, &unsent).await;
             }
             d = decisions.pop() => {
                 let msg = v1::ProxyMessage { msg: Some(v1::proxy_message::Msg::Decision(v1::Decision::from(&*d))) };
+                unsent.count.fetch_add(1, Ordering::Relaxed);
                 if tx.send(msg).await.is_err() {
                     // Not sent: it waits for the next stream, still the oldest.
+                    unsent.count.fetch_sub(1, Ordering::Relaxed);
                     decisions.requeue(d);
                     return Err("stream closed".to_string());
                 }
             }
+        }
+    }
+}
+
+/// Decision reports in the outbound channel of one stream; what is left when the session's
+/// last handle goes is counted as dropped (`portcullis_events_dropped_total{sink="control"}`).
+struct Unsent {
+    shared: Arc<Shared>,
+    count: AtomicU64,
+}
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        for _ in 0..self.count.load(Ordering::Relaxed) {
+            self.shared
+                .metrics()
+                .event_dropped(crate::report::Sink::Control);
         }
     }
 }
@@ -247,13 +282,16 @@ async fn finish(
     decisions: &ControlQueue,
     tx: mpsc::Sender<v1::ProxyMessage>,
     inbound: &mut tonic::Streaming<v1::ControlMessage>,
+    unsent: &Unsent,
 ) -> Result<(), String> {
     let flushed = tokio::time::timeout(CLOSE_FLUSH, async {
         while let Some(d) = decisions.try_pop() {
             let msg = v1::ProxyMessage {
                 msg: Some(v1::proxy_message::Msg::Decision(v1::Decision::from(&*d))),
             };
+            unsent.count.fetch_add(1, Ordering::Relaxed);
             if tx.send(msg).await.is_err() {
+                unsent.count.fetch_sub(1, Ordering::Relaxed);
                 decisions.requeue(d);
                 return;
             }
