@@ -41,11 +41,14 @@ fn s(v: &str) -> Val {
     Val::Str(v.to_string())
 }
 
+/// The first record named `event` whose attribute `key` is `value` (waits up to `WAIT`).
+fn record_where(recv: &OtlpReceiver, event: &str, key: &str, value: &str) -> Record {
+    recv.wait_for(WAIT, |r| r.event_name == event && r.s(key) == Some(value))
+        .unwrap_or_else(|| panic!("no {event} record with {key}={value}: {:?}", recv.records()))
+}
+
 fn approval_for(recv: &OtlpReceiver, ask_id: &str) -> Record {
-    recv.wait_for(WAIT, |r| {
-        r.event_name == "portcullis.approval" && r.s("portcullis.ask.id") == Some(ask_id)
-    })
-    .unwrap_or_else(|| panic!("no approval record for {ask_id}: {:?}", recv.records()))
+    record_where(recv, "portcullis.approval", "portcullis.ask.id", ask_id)
 }
 
 #[test]
@@ -98,21 +101,21 @@ fn ask_then_override_allow_produce_two_events_and_approval_records() {
     // Data plane: the `ask`, then the final allow carrying the ask id.
     // The control plane's `portcullis.approval` record carries the same decision id and may
     // arrive first: wait for the data plane's record by name.
-    let first = recv
-        .wait_for(WAIT, |r| {
-            r.event_name == "portcullis.policy_decision"
-                && r.s("portcullis.decision.id") == Some(ask.decision_id.as_str())
-        })
-        .expect("ask record");
+    let first = record_where(
+        &recv,
+        "portcullis.policy_decision",
+        "portcullis.decision.id",
+        &ask.decision_id,
+    );
     assert_eq!(first.attrs["network.policy.decision"], s("ask"));
     assert_eq!(first.attrs["network.policy.scope"], s("domain"));
     assert!(!first.attrs.contains_key("portcullis.ask.id"));
-    let second = recv
-        .wait_for(WAIT, |r| {
-            r.event_name == "portcullis.policy_decision"
-                && r.s("portcullis.ask.id") == Some(ask.id.as_str())
-        })
-        .expect("final record");
+    let second = record_where(
+        &recv,
+        "portcullis.policy_decision",
+        "portcullis.ask.id",
+        &ask.id,
+    );
     assert_eq!(second.attrs["network.policy.decision"], s("allow"));
     assert_eq!(second.attrs["network.policy.override"], Val::Bool(true));
     assert_eq!(second.attrs["network.policy.source"], s("decider"));
@@ -285,10 +288,12 @@ fn rule_changes(recv: &OtlpReceiver) -> Vec<Record> {
 }
 
 fn rule_change(recv: &OtlpReceiver, action: &str) -> Record {
-    recv.wait_for(WAIT, |r| {
-        r.event_name == "portcullis.rule_change" && r.s("portcullis.rule.action") == Some(action)
-    })
-    .unwrap_or_else(|| panic!("no {action} rule_change record: {:?}", recv.records()))
+    record_where(
+        recv,
+        "portcullis.rule_change",
+        "portcullis.rule.action",
+        action,
+    )
 }
 
 /// audit.md §3 `portcullis.rule_change`: one record per change of the rules file — `add` and
