@@ -153,8 +153,14 @@ impl Services {
         self.set_rules_error(error);
         match loaded {
             Ok(Ok(rules)) => {
-                let previous = self.rules.lock().map(|cur| cur.clone()).ok();
-                if previous.as_ref() != Some(&rules) {
+                // Lines changed, `None` when the file says what memory holds (our own writes
+                // are seen here too). Compared under the lock: no copy of the rules.
+                let changed = self
+                    .rules
+                    .lock()
+                    .map(|cur| (*cur != rules).then(|| lines_changed(&cur, &rules)))
+                    .unwrap_or_else(|_| Some(lines_changed(&[], &rules)));
+                if let Some(count) = changed {
                     let version = self.state.set_rules(&crate::rules::compile(&rules)).await;
                     tracing::info!(rules = rules.len(), version, "rules file reloaded");
                     crate::audit::rule_change(&crate::audit::RuleChange {
@@ -162,7 +168,7 @@ impl Services {
                         origin: "file",
                         target: None,
                         rule: None,
-                        count: lines_changed(previous.as_deref().unwrap_or_default(), &rules),
+                        count,
                         actor: "system",
                         client_address: "unknown",
                         policy_version: version,
