@@ -246,12 +246,7 @@ async fn session(
                 return finish(decisions, tx, &mut inbound, &unsent).await;
             }
             d = decisions.pop() => {
-                let msg = v1::ProxyMessage { msg: Some(v1::proxy_message::Msg::Decision(v1::Decision::from(&*d))) };
-                unsent.count.fetch_add(1, Ordering::Relaxed);
-                if tx.send(msg).await.is_err() {
-                    // Not sent: it waits for the next stream, still the oldest.
-                    unsent.count.fetch_sub(1, Ordering::Relaxed);
-                    decisions.requeue(d);
+                if !unsent.send(&tx, decisions, d).await {
                     return Err("stream closed".to_string());
                 }
             }
@@ -264,6 +259,28 @@ async fn session(
 struct Unsent {
     shared: Arc<Shared>,
     count: AtomicU64,
+}
+
+impl Unsent {
+    /// Hands one report to the stream, counted until the transport takes it. When the stream
+    /// is closed the report goes back to the queue, still the oldest, for the next stream.
+    async fn send(
+        &self,
+        tx: &mpsc::Sender<v1::ProxyMessage>,
+        decisions: &ControlQueue,
+        d: Arc<portcullis::decision::Decision>,
+    ) -> bool {
+        let msg = v1::ProxyMessage {
+            msg: Some(v1::proxy_message::Msg::Decision(v1::Decision::from(&*d))),
+        };
+        self.count.fetch_add(1, Ordering::Relaxed);
+        if tx.send(msg).await.is_err() {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+            decisions.requeue(d);
+            return false;
+        }
+        true
+    }
 }
 
 impl Drop for Unsent {
@@ -286,13 +303,7 @@ async fn finish(
 ) -> Result<(), String> {
     let flushed = tokio::time::timeout(CLOSE_FLUSH, async {
         while let Some(d) = decisions.try_pop() {
-            let msg = v1::ProxyMessage {
-                msg: Some(v1::proxy_message::Msg::Decision(v1::Decision::from(&*d))),
-            };
-            unsent.count.fetch_add(1, Ordering::Relaxed);
-            if tx.send(msg).await.is_err() {
-                unsent.count.fetch_sub(1, Ordering::Relaxed);
-                decisions.requeue(d);
+            if !unsent.send(&tx, decisions, d).await {
                 return;
             }
         }
