@@ -83,7 +83,10 @@ pub async fn handle(
     mut opts: RenderOpts,
 ) -> Response<Body> {
     opts.close = !req.body().is_end_stream();
-    let mut values = req.headers().get_all("x-unix-socket").iter();
+    let mut values = req
+        .headers()
+        .get_all(&crate::http::headers::X_UNIX_SOCKET)
+        .iter();
     let path = match (values.next(), values.next()) {
         (Some(v), None) => match std::str::from_utf8(v.as_bytes()) {
             Ok(s) if !s.is_empty() && s.len() <= MAX_PATH_BYTES && !s.contains('\0') => {

@@ -15,11 +15,13 @@ static HOP_BY_HOP: [HeaderName; 10] = [
     header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
-    HeaderName::from_static("x-unix-socket"),
+    HeaderName::from_static(UNIX_SOCKET_HEADER),
 ];
 
+const UNIX_SOCKET_HEADER: &str = "x-unix-socket";
+
 /// The header that asks for unix-socket forwarding (`unix-sockets.md`); never forwarded.
-pub static X_UNIX_SOCKET: HeaderName = HeaderName::from_static("x-unix-socket");
+pub static X_UNIX_SOCKET: HeaderName = HeaderName::from_static(UNIX_SOCKET_HEADER);
 
 /// Set by the proxy on its own refusals; an origin must not be able to forge it.
 static X_PROXY_ERROR: HeaderName = HeaderName::from_static("x-proxy-error");
